@@ -1,0 +1,77 @@
+#!/bin/bash
+# PID 1 of the testbed guest, on the host's root (overlay). Loads the IPVS
+# modules, optionally builds the standard topology, runs the job's command and
+# records its exit status and the kernel log in the job directory (on the
+# read-write build share), then powers off.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devpts devpts /dev/pts 2>/dev/null || { mkdir -p /dev/pts; mount -t devpts devpts /dev/pts; }
+mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+mkdir -p /run/netns
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+echo 1 >/proc/sys/kernel/sysrq
+
+job=
+for kv in $(cat /proc/cmdline); do
+	case "$kv" in sp_job=*) job="${kv#sp_job=}" ;; esac
+done
+
+halt() {
+	sync
+	echo o >/proc/sysrq-trigger
+	sleep 30
+}
+
+step() {
+	echo "guest: $*" >>"$job/progress"
+	echo "guest: $*" >/dev/console
+}
+
+fail() {
+	echo "guest: $*" >>"$job/stderr"
+	echo "guest: $*" >/dev/console
+	echo 125 >"$job/rc"
+	dmesg >"$job/dmesg"
+	halt
+}
+
+[ -n "$job" ] && [ -d "$job" ] || { echo "guest: no job directory" >/dev/console; halt; }
+# shellcheck source=/dev/null
+. "$job/env"
+hostname testbed
+ip link set lo up
+
+step "loading modules ($SP_MODULES)"
+modprobe -a nf_conntrack nf_defrag_ipv4 nf_defrag_ipv6 libcrc32c veth bridge ||
+	fail "modprobe of base modules failed"
+if [ "$SP_MODULES" = patched ]; then
+	kdir=/lib/modules/$(uname -r)
+	mkdir -p "$kdir/updates/ipvs-synproxy"
+	cp "$SP_MODDIR"/modules/*.ko "$kdir/updates/ipvs-synproxy/" || fail "copy modules failed"
+	cp "$SP_MODDIR"/depmod/modules.* "$kdir/" || fail "copy depmod output failed"
+fi
+modprobe ip_vs || fail "modprobe ip_vs failed"
+if [ "$SP_MODULES" = patched ]; then
+	want=$(modinfo -F srcversion "$SP_MODDIR/modules/ip_vs.ko")
+	have=$(cat /sys/module/ip_vs/srcversion)
+	[ "$want" = "$have" ] || fail "loaded ip_vs ($have) is not the patched build ($want)"
+fi
+
+if [ "$SP_TOPOLOGY" = 1 ]; then
+	step "building topology"
+	python3 -m ipvs_synproxy.testbed.topology up >>"$job/stderr" 2>&1 ||
+		fail "topology set-up failed"
+fi
+
+step "running command"
+cd "$SP_CWD" || fail "cannot cd to $SP_CWD"
+bash "$job/cmd" </dev/null >"$job/stdout" 2>>"$job/stderr"
+rc=$?
+dmesg >"$job/dmesg"
+echo "$rc" >"$job/rc"
+step "done ($rc)"
+halt

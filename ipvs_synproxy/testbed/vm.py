@@ -1,0 +1,221 @@
+"""Run a command inside the QEMU testbed guest (DESIGN.md, "The testbed").
+
+The guest runs the stock Debian 6.1 kernel under TCG with no network device,
+the host's root filesystem read-only over 9p under a tmpfs overlay (so the
+checkout, its virtualenv and every host tool are at the same paths) and the
+build cache read-write. Each run gets a job directory in the build cache: the
+command, its environment, its output (streamed back while it runs), its exit
+status and the guest's kernel log. Any kernel complaint in that log fails the
+run whatever the command returned.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from ipvs_synproxy import deps, kmod, paths
+from ipvs_synproxy.testbed.initramfs import build_initramfs
+
+GUEST_DEBS = ["qemu-system-x86", "busybox-static", "ipvsadm", "iproute2", "kmod",
+              "procps", "tcpdump"]
+GUEST_INIT = Path(__file__).with_name("guest_init.sh")
+
+# Lines of a kernel log that mean the kernel itself went wrong.
+KERNEL_PROBLEM = re.compile(
+    r"(\bBUG[: ]|WARNING:|\bOops\b|Kernel panic|general protection fault|"
+    r"\bKASAN\b|\bUBSAN\b|kernel BUG|Call Trace:|refcount_t:|list_(add|del) corruption|"
+    r"INFO: task .* blocked|rcu: INFO|Poison overwritten|Redzone|Object padding|"
+    r"slab_out_of_bounds|use-after-free|double free|Freepointer corrupt)"
+)
+# Guest boot flags the testbed contract requires.
+KERNEL_CMDLINE = (
+    "console=ttyS0 panic=-1 oops=panic panic_on_warn=1 slub_debug=FZPU "
+    "mitigations=off nokaslr random.trust_cpu=on"
+)
+
+
+class VmError(RuntimeError):
+    pass
+
+
+@dataclass
+class VmOptions:
+    topology: bool = False
+    modules: str = "patched"  # "patched": our build; "stock": the distribution's
+    timeout: float = 1800.0
+    memory_mb: int = 2048
+    cpus: int = 2
+    forward_ports: tuple[int, ...] = ()
+    cwd: Path = field(default_factory=paths.project_root)
+    keep_job: bool = False
+    verbose: bool = False
+
+
+@dataclass
+class VmResult:
+    returncode: int
+    command_rc: int | None
+    kernel_problems: list[str]
+    job_dir: Path
+
+
+def _env_file(opts: VmOptions, moddir: Path | None) -> str:
+    venv_bin = str(Path(sys.executable).parent)
+    host_path = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    env = {
+        "SP_MODULES": opts.modules,
+        "SP_MODDIR": str(moddir or ""),
+        "SP_TOPOLOGY": "1" if opts.topology else "0",
+        "SP_CWD": str(opts.cwd),
+        "PATH": f"{venv_bin}:/usr/local/sbin:/usr/sbin:/sbin:{host_path}",
+        "HOME": os.environ.get("HOME", "/root"),
+        "LANG": "C.UTF-8",
+        "IPVS_SP_GUEST": "1",
+        "IPVS_SP_MODULES": opts.modules,
+        "IPVS_SP_TOPOLOGY": "1" if opts.topology else "0",
+        "PYTHONUNBUFFERED": "1",
+    }
+    for k, v in os.environ.items():
+        if k.startswith("IPVS_SYNPROXY_") or k in ("CI", "VIRTUAL_ENV", "PYTEST_ADDOPTS"):
+            env[k] = v
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+
+
+def qemu_command(kernel: kmod.Kernel, initrd: Path, job: Path, opts: VmOptions) -> list[str]:
+    build = paths.build_dir()
+    append = f"{KERNEL_CMDLINE} sp_init={GUEST_INIT} sp_build={build} sp_job={job}"
+    nic = ["-nic", "none"]
+    if opts.forward_ports:
+        fwd = ",".join(f"hostfwd=tcp:127.0.0.1:{p}-:{p}" for p in opts.forward_ports)
+        nic = ["-nic", f"user,restrict=on,model=virtio-net-pci,{fwd}"]
+    return [
+        "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max",
+        "-m", str(opts.memory_mb), "-smp", str(opts.cpus),
+        "-display", "none", "-monitor", "none", "-no-reboot",
+        "-serial", f"file:{job / 'console.log'}",
+        *nic,
+        "-device", "virtio-rng-pci",
+        "-kernel", str(kernel.image), "-initrd", str(initrd),
+        "-append", append,
+        "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
+        "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
+        "-fsdev", f"local,id=build,path={build},security_model=none,multidevs=remap",
+        "-device", "virtio-9p-pci,fsdev=build,mount_tag=build",
+    ]
+
+
+class _Tail:
+    """Copy what a file gains to a stream, as it grows."""
+
+    def __init__(self, path: Path, out: TextIO) -> None:
+        self.path, self.out, self.pos = path, out, 0
+
+    def pump(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        if data:
+            self.pos += len(data)
+            self.out.write(data.decode(errors="replace"))
+            self.out.flush()
+
+
+def kernel_problems(log: str) -> list[str]:
+    return [ln for ln in log.splitlines() if KERNEL_PROBLEM.search(ln)]
+
+
+def _read(p: Path) -> str:
+    try:
+        return p.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def prepare(opts: VmOptions) -> tuple[kmod.Kernel, Path | None]:
+    deps.ensure_debs(GUEST_DEBS)
+    if opts.modules == "patched":
+        res = kmod.build()
+        return res.kernel, res.directory
+    if opts.modules == "stock":
+        return kmod.ensure_toolchain(), None
+    raise VmError(f"--modules must be 'patched' or 'stock', not {opts.modules!r}")
+
+
+def run(cmd: list[str], opts: VmOptions) -> VmResult:
+    """Boot the guest, run ``cmd`` in it and return how it went."""
+    if not cmd:
+        raise VmError("no command given")
+    kernel, moddir = prepare(opts)
+    initrd = build_initramfs(kernel)
+    jobs = paths.build_dir() / "vm" / "jobs"
+    jobs.mkdir(parents=True, exist_ok=True)
+    job = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=jobs))
+    (job / "env").write_text(_env_file(opts, moddir))
+    (job / "cmd").write_text("exec " + shlex.join(cmd) + "\n")
+    for f in ("stdout", "stderr"):
+        (job / f).touch()
+
+    argv = qemu_command(kernel, initrd, job, opts)
+    tails = [_Tail(job / "stdout", sys.stdout), _Tail(job / "stderr", sys.stderr)]
+    progress = _Tail(job / "progress", sys.stderr) if opts.verbose else None
+    deadline = time.monotonic() + opts.timeout
+    with open(job / "qemu.log", "wb") as qlog:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog)
+        timed_out = False
+        try:
+            while proc.poll() is None:
+                for t in tails:
+                    t.pump()
+                if progress:
+                    progress.pump()
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    proc.kill()
+                    break
+                time.sleep(0.2)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    for t in tails:
+        t.pump()
+
+    console, dmesg = _read(job / "console.log"), _read(job / "dmesg")
+    problems = kernel_problems(console + "\n" + dmesg)
+    rc_text = _read(job / "rc").strip()
+    command_rc = int(rc_text) if rc_text.lstrip("-").isdigit() else None
+
+    if timed_out:
+        print(f"vm: timed out after {opts.timeout:.0f} s", file=sys.stderr)
+    if problems or command_rc is None:
+        what = "kernel problems in the guest log" if problems else "guest died before the command finished"
+        print(f"vm: {what}; last lines of the guest log ({job / 'console.log'}):",
+              file=sys.stderr)
+        tail = (console or _read(job / "qemu.log")).splitlines()[-60:]
+        print("\n".join("  | " + ln for ln in tail), file=sys.stderr)
+        if problems:
+            print("vm: offending lines:\n" + "\n".join("  ! " + p for p in problems[:20]),
+                  file=sys.stderr)
+    if problems:
+        rc = 1 if not command_rc else command_rc
+    elif command_rc is None:
+        rc = 124 if timed_out else 125
+    else:
+        rc = command_rc
+    if not opts.keep_job and not problems and command_rc is not None:
+        shutil.rmtree(job, ignore_errors=True)
+    return VmResult(returncode=rc, command_rc=command_rc, kernel_problems=problems,
+                    job_dir=job)
