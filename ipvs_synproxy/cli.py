@@ -28,6 +28,15 @@ def _cmd_kmod_checkpatch(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _cmd_kmod_dkms_tree(args: argparse.Namespace) -> int:
+    from importlib.metadata import version
+
+    dest = kmod.export_tree(Path(args.dest).resolve(), version("ipvs-synproxy"))
+    print(f"patched source tree with dkms.conf in {dest}\n"
+          f"next: dkms add {dest} && dkms install ipvs-synproxy/{version('ipvs-synproxy')}")
+    return 0
+
+
 def _cmd_vm_exec(args: argparse.Namespace) -> int:
     from ipvs_synproxy.testbed import vm
 
@@ -71,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_kmod_build)
     c = kms.add_parser("checkpatch", help="run checkpatch.pl over every patch in the series")
     c.set_defaults(func=_cmd_kmod_checkpatch)
+    t = kms.add_parser("dkms-tree", help="write the patched source tree with dkms.conf "
+                                         "(for /usr/src/ipvs-synproxy-VERSION)")
+    t.add_argument("dest", help="directory to create (must be absent or empty)")
+    t.set_defaults(func=_cmd_kmod_dkms_tree)
 
     v = sub.add_parser("vm", help="the QEMU testbed guest")
     vs = v.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -307,6 +307,32 @@ def _result(kernel: Kernel, key: str, out: Path, rebuilt: bool) -> BuildResult:
     return BuildResult(kernel=kernel, key=key, directory=out, modules=mods, rebuilt=rebuilt)
 
 
+def export_tree(dest: Path, version: str) -> Path:
+    """Write the patched source tree for DKMS (or a manual build) to ``dest``."""
+    if dest.exists() and any(dest.iterdir()):
+        raise KmodError(f"{dest} exists and is not empty")
+    patches = read_series()
+    src = pristine_source()
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=dest.parent if dest.parent.exists()
+                                else None))
+    try:
+        tree = tmp / "tree"
+        assemble_tree(src, tree)
+        for p in patches:
+            apply_patch(tree, p)
+        glue = paths.patches_dir()
+        shutil.copy2(glue / "dkms" / "Makefile", tree / "Makefile")
+        conf = (glue / "dkms.conf").read_text().replace("@VERSION@", version)
+        (tree / "dkms.conf").write_text(conf)
+        (tree / "PATCHES").write_text("".join(p.name + "\n" for p in patches))
+        if dest.exists():
+            dest.rmdir()
+        shutil.move(str(tree), dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def checkpatch(patches: list[Path] | None = None) -> list[tuple[Path, str]]:
     """Run checkpatch.pl --no-tree over the series; return (patch, report) for
     every patch with errors or warnings."""

@@ -30,7 +30,7 @@ def _setns(fd: int) -> None:
 @contextlib.contextmanager
 def netns(name: str) -> Iterator[None]:
     """Run the body of the ``with`` in network namespace ``name`` (this thread only)."""
-    with open(f"/proc/thread-self/ns/net", "rb") as orig:
+    with open("/proc/thread-self/ns/net", "rb") as orig:
         with open(os.path.join(NETNS_RUN_DIR, name), "rb") as target:
             _setns(target.fileno())
         try:

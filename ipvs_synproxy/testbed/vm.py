@@ -133,6 +133,20 @@ class _Tail:
             self.out.flush()
 
 
+def _report(job: Path, log: str, problems: list[str]) -> None:
+    """Show the guest log around the first kernel complaint (or its end)."""
+    lines = log.splitlines()
+    if problems:
+        first = next(i for i, ln in enumerate(lines) if KERNEL_PROBLEM.search(ln))
+        excerpt = lines[max(0, first - 8): first + 72]
+        what = "kernel problems in the guest log"
+    else:
+        excerpt = lines[-60:]
+        what = "guest died before the command finished"
+    print(f"vm: {what} ({job / 'console.log'}):", file=sys.stderr)
+    print("\n".join("  | " + ln for ln in excerpt), file=sys.stderr)
+
+
 def kernel_problems(log: str) -> list[str]:
     return [ln for ln in log.splitlines() if KERNEL_PROBLEM.search(ln)]
 
@@ -201,16 +215,9 @@ def run(cmd: list[str], opts: VmOptions) -> VmResult:
     if timed_out:
         print(f"vm: timed out after {opts.timeout:.0f} s", file=sys.stderr)
     if problems or command_rc is None:
-        what = "kernel problems in the guest log" if problems else "guest died before the command finished"
-        print(f"vm: {what}; last lines of the guest log ({job / 'console.log'}):",
-              file=sys.stderr)
-        tail = (console or _read(job / "qemu.log")).splitlines()[-60:]
-        print("\n".join("  | " + ln for ln in tail), file=sys.stderr)
-        if problems:
-            print("vm: offending lines:\n" + "\n".join("  ! " + p for p in problems[:20]),
-                  file=sys.stderr)
+        _report(job, console or dmesg or _read(job / "qemu.log"), problems)
     if problems:
-        rc = 1 if not command_rc else command_rc
+        rc = command_rc or 1
     elif command_rc is None:
         rc = 124 if timed_out else 125
     else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from ipvs_synproxy.testbed import peers, topology
@@ -28,7 +30,7 @@ def test_nat_service_round_robins_over_both_real_servers(
     served = [r.server for r in replies]
     assert sorted(set(served)) == ["rs1", "rs2"]
     # rr alternates strictly between the two real servers.
-    assert all(a != b for a, b in zip(served, served[1:], strict=False)), served
+    assert all(a != b for a, b in itertools.pairwise(served)), served
     # NAT rewrites only the destination: real servers see the client itself.
     assert {r.peer for r in replies} == {client}
     conns = ipvsadm("-L", "-n", "-c")

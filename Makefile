@@ -1,0 +1,56 @@
+# ipvs-synproxy — thin wrappers; every install step lives here so a fresh
+# machine needs nothing but `make`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SP := $(VENV)/bin/ipvs-synproxy
+RESULTS := build/test-results
+# Guest test run: a hard limit well under CI's budget.
+VM_TIMEOUT ?= 1500
+
+.PHONY: all venv check unit testbed-test vm-test test demo kmod clean
+
+all: test
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+kmod: venv
+	$(SP) kmod build
+
+# Static checks: Python lint and types, and checkpatch over the kernel series.
+check: venv
+	$(VENV)/bin/ruff check ipvs_synproxy webui tests bench
+	$(VENV)/bin/mypy ipvs_synproxy webui
+	$(SP) kmod checkpatch
+
+# Fast host tests: no kernel involved.
+unit: venv
+	$(PY) -m pytest -q tests/unit
+
+# The build pipeline and the testbed contract (builds modules, boots guests).
+testbed-test: venv
+	$(PY) -m pytest -q tests/testbed
+
+# End-to-end tests inside the guest against the real patched modules.
+vm-test: venv
+	mkdir -p $(RESULTS)
+	rm -f $(RESULTS)/vm.xml
+	$(SP) vm exec --topology --timeout $(VM_TIMEOUT) -- \
+		python -m pytest -q -p no:cacheprovider tests/vm --junitxml=$(abspath $(RESULTS))/vm.xml
+	$(PY) -m ipvs_synproxy.testbed.junit $(RESULTS)/vm.xml
+
+test: check unit testbed-test vm-test
+
+# The main job: the testbed serving clients through IPVS, shown step by step.
+demo: venv
+	$(SP) vm exec --topology -- python -m ipvs_synproxy.testbed.demo
+
+clean:
+	rm -rf build

@@ -1,0 +1,142 @@
+"""The testbed contract (DESIGN.md): what `ipvs-synproxy vm exec` promises."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ipvs_synproxy import kmod, paths
+
+HERE = Path(__file__).parent
+
+
+def vm_exec(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ipvs_synproxy.cli", "vm", "exec", *args],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+def test_topology_has_the_four_hosts() -> None:
+    res = vm_exec("--topology", "--", "ip", "netns", "list")
+    assert res.returncode == 0, res.stderr
+    names = {line.split()[0] for line in res.stdout.splitlines() if line.strip()}
+    assert names == {"client", "lb", "rs1", "rs2"}
+
+
+def test_command_status_is_passed_through() -> None:
+    assert vm_exec("--", "false").returncode != 0
+    res = vm_exec("--", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert res.returncode == 7
+    assert res.stdout == "out\n"
+    assert "err" in res.stderr
+
+
+def test_guest_boots_with_the_contract_flags_and_no_network_device() -> None:
+    res = vm_exec("--", "sh", "-c", "cat /proc/cmdline; ls /sys/class/net")
+    assert res.returncode == 0, res.stderr
+    cmdline, _, ifaces = res.stdout.partition("\n")
+    assert "slub_debug=FZPU" in cmdline and "panic_on_warn=1" in cmdline
+    assert ifaces.split() == ["lo"]
+
+
+def test_patched_modules_are_the_ones_loaded() -> None:
+    script = ("modprobe ip_vs_wlc && cat /sys/module/ip_vs/taint /sys/module/ip_vs_wlc/taint"
+              " && modinfo -n ip_vs ip_vs_wlc")
+    patched = vm_exec("--", "sh", "-c", script)
+    assert patched.returncode == 0, patched.stderr
+    taint_vs, taint_wlc, path_vs, path_wlc = patched.stdout.split()
+    # Out-of-tree modules taint with O; the kernel's own request_module path
+    # (modprobe of a scheduler) must resolve to our build too.
+    assert "O" in taint_vs and "O" in taint_wlc
+    assert "updates/ipvs-synproxy" in path_vs and "updates/ipvs-synproxy" in path_wlc
+    stock = vm_exec("--modules", "stock", "--", "sh", "-c", script)
+    assert stock.returncode == 0, stock.stderr
+    assert "O" not in stock.stdout.split()[0]
+    assert "updates/" not in stock.stdout
+
+
+@pytest.fixture(scope="module")
+def warn_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    kernel = kmod.ensure_toolchain()
+    # Build inside the read-write build cache so the guest can reach the .ko.
+    out = paths.build_dir() / "test-kmods" / "warn"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(HERE / "warn_kmod", out)
+    subprocess.run(["make", "-C", str(kernel.build_tree), f"M={out}", "modules"],
+                   check=True, capture_output=True)
+    return out / "sp_warn.ko"
+
+
+def test_guest_kernel_warning_fails_the_run(warn_module: Path) -> None:
+    res = vm_exec("--", "insmod", str(warn_module))
+    assert res.returncode != 0
+    assert "deliberate warning" in res.stderr
+    assert "kernel problems" in res.stderr
+
+
+def test_unchanged_series_is_not_rebuilt() -> None:
+    kmod.build()
+    again = kmod.build()
+    assert not again.rebuilt
+    assert (again.directory / "manifest.json").exists()
+
+
+def _patch(tmp: Path, name: str, body: str) -> Path:
+    p = tmp / name
+    p.write_text(body)
+    return p
+
+
+BREAKS_COMPILE = """\
+--- a/net/netfilter/ipvs/ip_vs_rr.c
++++ b/net/netfilter/ipvs/ip_vs_rr.c
+@@ -17,2 +17,3 @@
+ #define KMSG_COMPONENT "IPVS"
+ #define pr_fmt(fmt) KMSG_COMPONENT ": " fmt
++#error deliberately broken
+"""
+
+DOES_NOT_APPLY = """\
+--- a/net/netfilter/ipvs/ip_vs_rr.c
++++ b/net/netfilter/ipvs/ip_vs_rr.c
+@@ -1,3 +1,3 @@
+-this line is not in the file
++neither is this
+ nor this
+"""
+
+
+def test_patch_that_does_not_apply_is_named(tmp_path: Path) -> None:
+    bad = _patch(tmp_path, "0001-does-not-apply.patch", DOES_NOT_APPLY)
+    with pytest.raises(kmod.KmodError, match=r"patch 0001-does-not-apply\.patch does not apply"):
+        kmod.build(patches=[bad])
+
+
+def test_patch_that_does_not_compile_is_named_and_nothing_is_cached(tmp_path: Path) -> None:
+    bad = _patch(tmp_path, "0001-breaks.patch", BREAKS_COMPILE)
+    kernel = kmod.find_kernel()
+    key = kmod.series_key([bad], kernel)
+    with pytest.raises(kmod.KmodError, match=r"patch 0001-breaks\.patch does not compile"):
+        kmod.build(patches=[bad])
+    out = kmod.cached_build(kernel, key)
+    assert not out.exists()
+    assert not list(out.parent.glob(f".build-{key}-*"))
+
+
+def test_exported_dkms_tree_builds_on_its_own(tmp_path: Path) -> None:
+    kernel = kmod.ensure_toolchain()
+    tree = kmod.export_tree(tmp_path / "ipvs-synproxy-0.0", "0.0")
+    assert 'PACKAGE_VERSION="0.0"' in (tree / "dkms.conf").read_text()
+    subprocess.run(["make", "-C", str(tree), f"KVER={kernel.version}"], check=True,
+                   capture_output=True, timeout=600)
+    built = {p.stem for p in (tree / "net/netfilter/ipvs").glob("*.ko")}
+    listed = set()
+    for line in (tree / "dkms.conf").read_text().splitlines():
+        if line.startswith("BUILT_MODULE_NAME["):
+            listed.add(line.split("=", 1)[1].strip('"'))
+    assert listed == built

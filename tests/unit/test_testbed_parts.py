@@ -1,0 +1,103 @@
+"""Host-side parts of the testbed that need no guest."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ipvs_synproxy.testbed import initramfs, junit, topology, vm
+
+
+def test_topology_matches_the_design_contract() -> None:
+    hosts = {h.name: h for h in topology.HOSTS}
+    assert topology.NETNS == ("client", "lb", "rs1", "rs2")
+
+    def addrs(name: str) -> set[str]:
+        return {a for i in hosts[name].ifaces for a in i.addrs}
+
+    assert addrs("client") == {"198.51.100.2/24", "2001:db8:1::2/64"}
+    assert addrs("rs1") == {"192.0.2.11/24", "2001:db8:2::11/64"}
+    assert addrs("rs2") == {"192.0.2.12/24", "2001:db8:2::12/64"}
+    lb = addrs("lb")
+    for a in ("198.51.100.1/24", "198.51.100.10/32", "2001:db8:1::1/64",
+              "2001:db8:1::10/128", "192.0.2.1/24", "2001:db8:2::1/64"):
+        assert a in lb
+    assert {f"192.0.2.{i}/32" for i in range(100, 104)} <= lb
+    assert {f"2001:db8:2::{i}/128" for i in range(100, 104)} <= lb
+
+
+def test_every_testbed_address_is_in_a_documentation_range() -> None:
+    allowed = [ipaddress.ip_network(n) for n in
+               ("198.51.100.0/24", "192.0.2.0/24", "2001:db8::/32")]
+    for h in topology.HOSTS:
+        for i in h.ifaces:
+            for a in i.addrs:
+                ip = ipaddress.ip_interface(a).ip
+                assert any(ip in n for n in allowed), a
+
+
+def test_interface_names_fit_the_kernel_limit() -> None:
+    for h in topology.HOSTS:
+        for i in h.ifaces:
+            assert len(f"{h.name}-{i.name}") < 16
+
+
+@pytest.mark.parametrize("line", [
+    "[   11.768181] WARNING: CPU: 0 PID: 141 at net/netfilter/ipvs/ip_vs_core.c:11",
+    "[    3.1] BUG: KASAN: slab-out-of-bounds in ip_vs_in+0x1/0x2",
+    "[    3.1] BUG kmalloc-256 (Tainted: G  OE): Poison overwritten",
+    "[    3.1] general protection fault, probably for non-canonical address",
+    "[    3.1] Kernel panic - not syncing: panic_on_warn set ...",
+    "[    3.1] Oops: 0000 [#1] PREEMPT SMP NOPTI",
+    "[    3.1] watchdog: BUG: soft lockup - CPU#0 stuck for 22s!",
+])
+def test_kernel_complaints_are_recognised(line: str) -> None:
+    assert vm.kernel_problems(line) == [line]
+
+
+@pytest.mark.parametrize("line", [
+    "[    0.0] SLUB: HWalign=64, Order=0-3, MinObjects=0, CPUs=2, Nodes=1",
+    "[    9.1] ip_vs: loading out-of-tree module taints kernel.",
+    "[    9.1] ip_vs: module verification failed: signature and/or required key missing",
+    "[    9.2] IPVS: Registered protocols (TCP, UDP, SCTP, AH, ESP)",
+    "[    0.0] Kernel command line: console=ttyS0 panic_on_warn=1 slub_debug=FZPU",
+])
+def test_ordinary_boot_lines_are_not_complaints(line: str) -> None:
+    assert vm.kernel_problems(line) == []
+
+
+def test_initramfs_archive_is_valid_newc(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "tool").write_bytes(b"#!/bin/sh\necho hi\n")
+    (root / "init").write_bytes(b"x" * 5)
+    archive = tmp_path / "a.cpio"
+    archive.write_bytes(initramfs._newc_archive(root))
+    listing = subprocess.run(["cpio", "-itv", "--quiet"], stdin=archive.open("rb"),
+                             capture_output=True, text=True, check=True).stdout
+    names = [ln.split()[-1] for ln in listing.splitlines()]
+    assert names == ["bin", "bin/tool", "init", "dev/console"]
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["cpio", "-id", "--quiet", "bin/tool"], cwd=out,
+                   stdin=archive.open("rb"), check=True)
+    assert (out / "bin" / "tool").read_bytes() == b"#!/bin/sh\necho hi\n"
+
+
+JUNIT = """<testsuites><testsuite>{}</testsuite></testsuites>"""
+
+
+def test_junit_needs_at_least_one_executed_test() -> None:
+    assert not junit.summarize(JUNIT.format("")).ok
+    assert junit.summarize(JUNIT.format('<testcase classname="a" name="t"/>')).ok
+
+
+def test_junit_rejects_failures_and_skips() -> None:
+    failed = JUNIT.format('<testcase name="t"/><testcase name="u"><failure/></testcase>')
+    skipped = JUNIT.format('<testcase name="t"/><testcase name="u"><skipped/></testcase>')
+    assert junit.summarize(failed).failed == ["::u"]
+    assert not junit.summarize(failed).ok
+    assert not junit.summarize(skipped).ok

@@ -1,0 +1,1 @@
+"""The ipvs-synproxy operations console (Flask); see issue 8."""
