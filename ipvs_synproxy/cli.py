@@ -19,6 +19,12 @@ def _cmd_kmod_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_kmod_build_toa(args: argparse.Namespace) -> int:
+    res = kmod.build_toa(force=args.force)
+    print(res.modules[0])
+    return 0
+
+
 def _cmd_kmod_checkpatch(args: argparse.Namespace) -> int:
     patches = kmod.read_series()
     problems = kmod.checkpatch(patches)
@@ -78,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "installed Debian 6.1 kernel")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.set_defaults(func=_cmd_kmod_build)
+    t = kms.add_parser("build-toa", help="build (or reuse the cached) real-server TOA "
+                                         "module toa.ko; prints its path")
+    t.add_argument("--force", action="store_true", help="rebuild even if cached")
+    t.set_defaults(func=_cmd_kmod_build_toa)
     c = kms.add_parser("checkpatch", help="run checkpatch.pl over every patch in the series")
     c.set_defaults(func=_cmd_kmod_checkpatch)
     t = kms.add_parser("dkms-tree", help="write the patched source tree with dkms.conf "

@@ -348,3 +348,64 @@ def checkpatch(patches: list[Path] | None = None) -> list[tuple[Path, str]]:
         if res.returncode != 0 or res.stdout.strip():
             problems.append((p, res.stdout + res.stderr))
     return problems
+
+
+# ---- the real-server TOA module (kernel_patches/toa) ----------------------------------
+
+TOA_SOURCES = ("toa.c", "Kbuild")
+
+
+def toa_dir() -> Path:
+    return paths.patches_dir() / "toa"
+
+
+def toa_key(kernel: Kernel, src: Path | None = None) -> str:
+    """Hash of everything that determines toa.ko."""
+    src = src or toa_dir()
+    h = hashlib.sha256()
+    h.update(f"builder={BUILDER_VERSION}\nkernel={kernel.version}\n".encode())
+    for name in TOA_SOURCES:
+        h.update(name.encode() + b"\0" + (src / name).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_toa(force: bool = False) -> BuildResult:
+    """Build (or reuse) ``toa.ko`` for the installed 6.1 kernel, cached under
+    ``build/kmod/<kver>/toa-<key>/`` and renamed into place only when complete."""
+    kernel = ensure_toolchain()
+    src = toa_dir()
+    missing = [n for n in TOA_SOURCES if not (src / n).is_file()]
+    if missing:
+        raise KmodError(f"{src}: missing {', '.join(missing)}")
+    key = toa_key(kernel, src)
+    out = cached_build(kernel, f"toa-{key}")
+    if (out / "toa.ko").exists() and not force:
+        return _toa_result(kernel, key, out, rebuilt=False)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".build-toa-{key}-", dir=out.parent))
+    try:
+        tree = scratch / "src"
+        tree.mkdir()
+        for name in TOA_SOURCES:
+            shutil.copy2(src / name, tree / name)
+        res = subprocess.run(
+            ["make", "-C", str(kernel.build_tree), f"M={tree}", "-j2", "modules"],
+            capture_output=True, text=True, check=False,
+        )
+        if res.returncode != 0 or not (tree / "toa.ko").exists():
+            raise KmodError(f"toa.ko does not compile:\n{_error_lines(res.stdout + res.stderr)}")
+        result_dir = scratch / "result"
+        result_dir.mkdir()
+        shutil.copy2(tree / "toa.ko", result_dir / "toa.ko")
+        if out.exists():
+            shutil.rmtree(out)
+        result_dir.rename(out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return _toa_result(kernel, key, out, rebuilt=True)
+
+
+def _toa_result(kernel: Kernel, key: str, out: Path, rebuilt: bool) -> BuildResult:
+    return BuildResult(kernel=kernel, key=key, directory=out, modules=(out / "toa.ko",),
+                       rebuilt=rebuilt)

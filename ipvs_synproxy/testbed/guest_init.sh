@@ -9,7 +9,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devpts devpts /dev/pts 2>/dev/null || { mkdir -p /dev/pts; mount -t devpts devpts /dev/pts; }
 mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
-mount -t tmpfs tmpfs /tmp
+# No fresh tmpfs on /tmp: the checkout and the build share may live below it.
+# /tmp is writable anyway (the overlay's upper layer is tmpfs).
 mount -t tmpfs tmpfs /run
 mkdir -p /run/netns
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
