@@ -342,8 +342,9 @@ def checkpatch(patches: list[Path] | None = None) -> list[tuple[Path, str]]:
     for p in read_series() if patches is None else patches:
         res = subprocess.run(
             ["perl", str(script), "--no-tree", "--strict", "--quiet",
-             "--ignore", "FILE_PATH_CHANGES,SPDX_LICENSE_TAG", str(p)],
-            capture_output=True, text=True, check=False,
+             "--ignore", "FILE_PATH_CHANGES,SPDX_LICENSE_TAG", str(p.resolve())],
+            # checkpatch drops a cache file into its working directory.
+            cwd=src, capture_output=True, text=True, check=False,
         )
         if res.returncode != 0 or res.stdout.strip():
             problems.append((p, res.stdout + res.stderr))
