@@ -1,0 +1,474 @@
+"""The real-server TOA module (kernel_patches/toa) on the stock kernel, without FULLNAT.
+
+A raw socket in ``lb`` (192.0.2.1 / 2001:db8:2::1) completes TCP handshakes by
+hand with a listener in ``rs1`` and puts a TOA option on the handshake ACK (or
+on the first data packet) claiming the client 198.51.100.2:4242 /
+[2001:db8:1::2]:4242. With toa.ko loaded, accept() and getpeername() in rs1
+report the claimed client; without it, the real sender.
+
+lb's own TCP stack knows nothing of these connections and answers rs1's
+SYN/ACK with a RST. So that the RST cannot kill the handshake, rs1 answers
+with SYN cookies (``tcp_syncookies=2``): it keeps no half-open state for the
+RST to reset, and the child socket is made from the cookie ACK, through the
+same ``tcp_v{4,6}_syn_recv_sock`` the module probes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ipvs_synproxy import kmod
+from ipvs_synproxy.testbed import netns, topology
+
+CLAIM4 = (topology.CLIENT4, 4242)
+CLAIM6 = (topology.CLIENT6, 4242)
+STATS = Path("/proc/net/toa_stats")
+
+
+def toa_option(addr: str, port: int, length: int | None = None) -> bytes:
+    ip = ipaddress.ip_address(addr)
+    kind = 254 if ip.version == 4 else 253
+    body = struct.pack("!H", port) + ip.packed
+    if length is None:
+        length = 2 + len(body)
+    # a wrong length keeps the real body size so the option list still parses
+    return bytes([kind, length]) + body[: max(0, length - 2)]
+
+
+def _pad(options: bytes) -> bytes:
+    return options + b"\x01" * (-len(options) % 4)
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return int(~s & 0xFFFF)
+
+
+def _ns_raw_socket(ns: str, family: socket.AddressFamily) -> socket.socket:
+    box: list[socket.socket | BaseException] = []
+
+    def make() -> None:
+        try:
+            with netns.netns(ns):
+                box.append(socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_TCP))
+        except BaseException as exc:
+            box.append(exc)
+
+    t = threading.Thread(target=make)
+    t.start()
+    t.join()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
+class RawTcp:
+    """Hand-made TCP segments from ``src`` in lb to ``dst``:``dport``."""
+
+    def __init__(self, src: str, dst: str, dport: int) -> None:
+        self.family = socket.AF_INET6 if ":" in src else socket.AF_INET
+        self.src, self.dst, self.dport = src, dst, dport
+        self.sport = random.randint(40000, 60000)
+        self.isn = random.getrandbits(32)
+        self.sock = _ns_raw_socket("lb", self.family)
+        self.sock.bind((src, 0))
+        self.sock.settimeout(10)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _segment(self, seq: int, ack: int, flags: int, options: bytes = b"",
+                 payload: bytes = b"") -> bytes:
+        options = _pad(options)
+        head = struct.pack("!HHIIBBHHH", self.sport, self.dport, seq & 0xFFFFFFFF,
+                           ack & 0xFFFFFFFF, (5 + len(options) // 4) << 4, flags, 65535,
+                           0, 0)
+        seg = head + options + payload
+        s, d = ipaddress.ip_address(self.src).packed, ipaddress.ip_address(self.dst).packed
+        if self.family == socket.AF_INET:
+            pseudo = s + d + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(seg))
+        else:
+            pseudo = s + d + struct.pack("!I3xB", len(seg), socket.IPPROTO_TCP)
+        csum = _checksum(pseudo + seg)
+        return seg[:16] + struct.pack("!H", csum) + seg[18:]
+
+    def send(self, seg: bytes) -> None:
+        self.sock.sendto(seg, (self.dst, 0))
+
+    def _synack(self) -> int:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            data, addr = self.sock.recvfrom(65535)
+            if addr[0] != self.dst:
+                continue
+            if self.family == socket.AF_INET:
+                data = data[(data[0] & 0x0F) * 4:]
+            sport, dport, seq, ack, _, flags = struct.unpack_from("!HHIIBB", data)
+            if (sport, dport) == (self.dport, self.sport) and flags & 0x12 == 0x12 \
+                    and ack == (self.isn + 1) & 0xFFFFFFFF:
+                return int(seq)
+        raise TimeoutError("no SYN/ACK from the listener")
+
+    def handshake(self, ack_options: bytes = b"", data_options: bytes | None = None
+                  ) -> None:
+        """SYN, wait for the SYN/ACK, ACK (with ``ack_options``); then, if
+        ``data_options`` is given, one data segment carrying them."""
+        self.send(self._segment(self.isn, 0, 0x02, bytes([2, 4]) + struct.pack("!H", 1400)))
+        server_isn = self._synack()
+        self.send(self._segment(self.isn + 1, server_isn + 1, 0x10, ack_options))
+        if data_options is not None:
+            self.send(self._segment(self.isn + 1, server_isn + 1, 0x18, data_options,
+                                    b"hello"))
+
+
+class Listener:
+    """A TCP listener in rs1."""
+
+    def __init__(self, addr: str, port: int, dual_stack: bool = False) -> None:
+        fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        box: list[socket.socket] = []
+
+        def make() -> None:
+            with netns.netns("rs1"):
+                box.append(socket.socket(fam, socket.SOCK_STREAM))
+
+        t = threading.Thread(target=make)
+        t.start()
+        t.join()
+        self.sock = box[0]
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if fam == socket.AF_INET6:
+            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY,
+                                 0 if dual_stack else 1)
+        self.sock.bind((addr, port))
+        self.sock.listen(16)
+        self.sock.settimeout(10)
+
+    def accept(self) -> tuple[socket.socket, tuple[str, int]]:
+        conn, peer = self.sock.accept()
+        return conn, (peer[0], peer[1])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def toa_stats() -> dict[str, int]:
+    out = {}
+    for line in STATS.read_text().splitlines():
+        name, value = line.split()
+        out[name] = int(value)
+    return out
+
+
+def _toa_ko() -> Path:
+    """The cached build of kernel_patches/toa (IPVS_SYNPROXY_TOA_KO: another .ko)."""
+    if os.environ.get("IPVS_SYNPROXY_TOA_KO"):
+        return Path(os.environ["IPVS_SYNPROXY_TOA_KO"])
+    kernel = kmod.Kernel(os.uname().release)
+    ko = kmod.cached_build(kernel, f"toa-{kmod.toa_key(kernel)}") / "toa.ko"
+    return ko if ko.exists() else kmod.build_toa().modules[0]
+
+
+def _loaded() -> bool:
+    return Path("/sys/module/toa").exists()
+
+
+def _rmmod() -> None:
+    res = subprocess.run(["rmmod", "toa"], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    assert not _loaded()
+    assert not STATS.exists()
+
+
+@pytest.fixture(scope="module")
+def syncookies(topo: None) -> Iterator[None]:
+    old = netns.read_sysctl("rs1", "net.ipv4.tcp_syncookies")
+    netns.write_sysctl("rs1", "net.ipv4.tcp_syncookies", 2)
+    yield
+    netns.write_sysctl("rs1", "net.ipv4.tcp_syncookies", old)
+
+
+@pytest.fixture
+def toa(syncookies: None) -> Iterator[None]:
+    """toa.ko loaded for the test, and unloaded cleanly afterwards."""
+    assert not _loaded()
+    res = subprocess.run(["insmod", str(_toa_ko())], capture_output=True, text=True,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    yield
+    _rmmod()
+
+
+_port = iter(range(8100, 8200))
+
+
+def _accept_after(listener: Listener, raw: RawTcp, ack_options: bytes = b"",
+                  data_options: bytes | None = None,
+                  ) -> tuple[socket.socket, tuple[str, int]]:
+    try:
+        raw.handshake(ack_options, data_options)
+        return listener.accept()
+    finally:
+        raw.close()
+
+
+def test_without_the_module_the_peer_is_the_real_sender(syncookies: None) -> None:
+    assert not _loaded()
+    port = next(_port)
+    listener = Listener(topology.RS4["rs1"], port)
+    try:
+        conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER4,
+                                                    topology.RS4["rs1"], port),
+                                   toa_option(*CLAIM4))
+        with conn:
+            assert peer[0] == topology.LB_SERVER4
+            assert conn.getpeername()[0] == topology.LB_SERVER4
+    finally:
+        listener.close()
+
+
+def test_toa_on_the_handshake_ack_is_the_ipv4_peer(toa: None) -> None:
+    before = toa_stats()
+    port = next(_port)
+    listener = Listener(topology.RS4["rs1"], port)
+    try:
+        conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER4,
+                                                    topology.RS4["rs1"], port),
+                                   toa_option(*CLAIM4))
+        with conn:
+            assert peer == CLAIM4
+            assert conn.getpeername() == CLAIM4
+            # the local side is untouched
+            assert conn.getsockname() == (topology.RS4["rs1"], port)
+    finally:
+        listener.close()
+    after = toa_stats()
+    assert after["ack_toa_v4"] == before["ack_toa_v4"] + 1
+    assert after["getname_v4"] >= before["getname_v4"] + 2
+
+
+def test_toa_on_the_handshake_ack_is_the_ipv6_peer(toa: None) -> None:
+    before = toa_stats()
+    port = next(_port)
+    listener = Listener(topology.RS6["rs1"], port)
+    try:
+        conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER6,
+                                                    topology.RS6["rs1"], port),
+                                   toa_option(*CLAIM6))
+        with conn:
+            assert peer == CLAIM6
+            assert conn.getpeername()[:2] == CLAIM6
+    finally:
+        listener.close()
+    assert toa_stats()["ack_toa_v6"] == before["ack_toa_v6"] + 1
+
+
+def test_ipv4_toa_on_a_dual_stack_listener_is_v4_mapped(toa: None) -> None:
+    port = next(_port)
+    listener = Listener("::", port, dual_stack=True)
+    try:
+        conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER4,
+                                                    topology.RS4["rs1"], port),
+                                   toa_option(*CLAIM4))
+        with conn:
+            assert peer == (f"::ffff:{CLAIM4[0]}", CLAIM4[1])
+    finally:
+        listener.close()
+
+
+def test_toa_on_the_first_data_packet_when_the_ack_had_none(toa: None) -> None:
+    before = toa_stats()
+    port = next(_port)
+    listener = Listener(topology.RS4["rs1"], port)
+    raw = RawTcp(topology.LB_SERVER4, topology.RS4["rs1"], port)
+    try:
+        raw.handshake(b"", toa_option(*CLAIM4))
+        # accept() may only look once the data segment has been processed
+        deadline = time.monotonic() + 10
+        while toa_stats()["data_toa_v4"] == before["data_toa_v4"]:
+            assert time.monotonic() < deadline, toa_stats()
+            time.sleep(0.1)
+        conn, peer = listener.accept()
+        with conn:
+            assert peer == CLAIM4
+            assert conn.recv(16) == b"hello"
+    finally:
+        raw.close()
+        listener.close()
+
+
+def test_an_ipv6_client_cannot_be_shown_on_an_ipv4_socket(toa: None) -> None:
+    before = toa_stats()
+    port = next(_port)
+    listener = Listener(topology.RS4["rs1"], port)
+    try:
+        conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER4,
+                                                    topology.RS4["rs1"], port),
+                                   toa_option(*CLAIM6))
+        with conn:
+            assert peer[0] == topology.LB_SERVER4
+    finally:
+        listener.close()
+    after = toa_stats()
+    assert after["ack_toa_v6"] == before["ack_toa_v6"] + 1
+    assert after["getname_family_mismatch"] == before["getname_family_mismatch"] + 1
+
+
+def test_a_destroyed_socket_releases_its_entry(toa: None) -> None:
+    base = toa_stats()["entries"]
+    port = next(_port)
+    listener = Listener(topology.RS4["rs1"], port)
+    try:
+        conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER4,
+                                                    topology.RS4["rs1"], port),
+                                   toa_option(*CLAIM4))
+        assert peer == CLAIM4
+        assert toa_stats()["entries"] == base + 1
+        # rs1's FIN meets lb's RST (lb's stack knows no such connection): the
+        # socket is destroyed and the module's destructor probe forgets it.
+        conn.close()
+        deadline = time.monotonic() + 15
+        while toa_stats()["entries"] != base:
+            assert time.monotonic() < deadline, toa_stats()
+            time.sleep(0.2)
+    finally:
+        listener.close()
+
+
+def test_first_data_without_the_option_ends_the_wait(toa: None) -> None:
+    before = toa_stats()
+    port = next(_port)
+    listener = Listener(topology.RS4["rs1"], port)
+    raw = RawTcp(topology.LB_SERVER4, topology.RS4["rs1"], port)
+    try:
+        raw.handshake(b"", b"")  # no option on the ACK, none on the data
+        conn, peer = listener.accept()
+        with conn:
+            assert conn.recv(16) == b"hello"
+            assert peer[0] == topology.LB_SERVER4
+            after = toa_stats()
+            assert after["no_toa"] == before["no_toa"] + 1
+            assert after["entries"] == before["entries"]  # the pending entry is gone
+    finally:
+        raw.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("length", [6, 7, 10, 20])
+def test_malformed_toa_lengths_are_ignored_and_counted(toa: None, length: int) -> None:
+    before = toa_stats()
+    port = next(_port)
+    listener = Listener(topology.RS4["rs1"], port)
+    try:
+        conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER4,
+                                                    topology.RS4["rs1"], port),
+                                   toa_option(*CLAIM4, length=length))
+        with conn:
+            assert peer[0] == topology.LB_SERVER4
+    finally:
+        listener.close()
+    after = toa_stats()
+    assert after["malformed"] == before["malformed"] + 1
+    assert after["ack_toa_v4"] == before["ack_toa_v4"]
+
+
+def test_an_option_overrunning_the_header_is_ignored(toa: None) -> None:
+    before = toa_stats()
+    port = next(_port)
+    listener = Listener(topology.RS4["rs1"], port)
+    # kind 254 claiming 40 bytes inside a 12-byte option area
+    bad = bytes([1, 1, 254, 40]) + bytes(8)
+    try:
+        conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER4,
+                                                    topology.RS4["rs1"], port), bad)
+        with conn:
+            assert peer[0] == topology.LB_SERVER4
+    finally:
+        listener.close()
+    assert toa_stats()["malformed"] == before["malformed"] + 1
+
+
+def test_after_rmmod_the_peer_is_the_real_sender_again(syncookies: None) -> None:
+    res = subprocess.run(["insmod", str(_toa_ko())], capture_output=True, text=True,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    port = next(_port)
+    listener = Listener(topology.RS4["rs1"], port)
+    try:
+        # a socket accepted while loaded keeps working across the unload
+        conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER4,
+                                                    topology.RS4["rs1"], port),
+                                   toa_option(*CLAIM4))
+        assert peer == CLAIM4
+        assert toa_stats()["entries"] >= 1
+        _rmmod()
+        assert conn.getpeername()[0] == topology.LB_SERVER4
+        conn.close()
+        conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER4,
+                                                    topology.RS4["rs1"], port),
+                                   toa_option(*CLAIM4))
+        with conn:
+            assert peer[0] == topology.LB_SERVER4
+    finally:
+        listener.close()
+        if _loaded():
+            _rmmod()
+
+
+def test_unloading_after_servers_asked_for_peers_is_clean(syncookies: None) -> None:
+    """Sockets with remembered clients, just used from several threads, then
+    rmmod: they keep working and report the real sender afterwards.
+
+    (rmmod *while* other CPUs keep calling getpeername() is a known gap: the
+    6.1 guest can oops when the inet_getname kretprobe is disarmed under
+    concurrent calls; see kernel_patches/toa/README.md.)"""
+    res = subprocess.run(["insmod", str(_toa_ko())], capture_output=True, text=True,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    port = next(_port)
+    listener = Listener(topology.RS4["rs1"], port)
+    conns: list[socket.socket] = []
+    seen: set[str] = set()
+
+    def ask() -> None:
+        for _ in range(50):
+            for c in conns:
+                seen.add(c.getpeername()[0])
+
+    try:
+        for _ in range(20):
+            conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER4,
+                                                        topology.RS4["rs1"], port),
+                                       toa_option(*CLAIM4))
+            assert peer == CLAIM4
+            conns.append(conn)
+        askers = [threading.Thread(target=ask) for _ in range(4)]
+        for t in askers:
+            t.start()
+        for t in askers:
+            t.join(60)
+        assert seen == {CLAIM4[0]}
+        assert toa_stats()["entries"] == 20
+        _rmmod()
+        assert {c.getpeername()[0] for c in conns} == {topology.LB_SERVER4}
+    finally:
+        for c in conns:
+            c.close()
+        listener.close()
+        if _loaded():
+            _rmmod()
