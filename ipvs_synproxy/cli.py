@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ipvs_synproxy import deps, kmod
+from ipvs_synproxy import deps, kmod, paths
 
 EXIT_USAGE = 2
 
@@ -27,10 +27,12 @@ def _cmd_kmod_build_toa(args: argparse.Namespace) -> int:
 
 def _cmd_kmod_checkpatch(args: argparse.Namespace) -> int:
     patches = kmod.read_series()
-    problems = kmod.checkpatch(patches)
+    sources = sorted((paths.patches_dir() / "toa").glob("*.c"))
+    problems = kmod.checkpatch(patches, sources)
     for patch, report in problems:
         print(f"== {patch.name}\n{report}")
-    print(f"checkpatch: {len(patches)} patches, {len(problems)} with findings")
+    print(f"checkpatch: {len(patches)} patches and {len(sources)} module sources, "
+          f"{len(problems)} with findings")
     return 1 if problems else 0
 
 

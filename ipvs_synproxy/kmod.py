@@ -333,15 +333,22 @@ def export_tree(dest: Path, version: str) -> Path:
     return dest
 
 
-def checkpatch(patches: list[Path] | None = None) -> list[tuple[Path, str]]:
-    """Run checkpatch.pl --no-tree over the series; return (patch, report) for
-    every patch with errors or warnings."""
+def checkpatch(patches: list[Path] | None = None,
+               sources: list[Path] | None = None) -> list[tuple[Path, str]]:
+    """Run checkpatch.pl --strict over the series (and, as plain files, the
+    real-server module's C sources); return (file, report) for every file with
+    findings."""
     src = pristine_source()
     script = src / "scripts" / "checkpatch.pl"
+    if sources is None:
+        sources = sorted((paths.patches_dir() / "toa").glob("*.c"))
+    jobs: list[tuple[Path, list[str]]] = [
+        (p, []) for p in (read_series() if patches is None else patches)]
+    jobs += [(p, ["-f"]) for p in sources]
     problems = []
-    for p in read_series() if patches is None else patches:
+    for p, mode in jobs:
         res = subprocess.run(
-            ["perl", str(script), "--no-tree", "--strict", "--quiet",
+            ["perl", str(script), "--no-tree", "--strict", "--quiet", *mode,
              "--ignore", "FILE_PATH_CHANGES,SPDX_LICENSE_TAG", str(p.resolve())],
             # checkpatch drops a cache file into its working directory.
             cwd=src, capture_output=True, text=True, check=False,
