@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ipvs_synproxy import deps, kmod, paths
+from ipvs_synproxy import adm, cli_config, deps, kmod, paths
+from webui import cli as webui_cli
 
 EXIT_USAGE = 2
 
@@ -122,10 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-v", "--verbose", action="store_true", help="show guest boot progress")
     e.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
     e.set_defaults(func=_cmd_vm_exec)
+
+    cli_config.register(sub)  # diff, apply, stats, sysctl
+    webui_cli.register(sub)  # the web console
+    # ``adm`` takes ipvsadm's own command line: main() hands it over unparsed.
+    sub.add_parser("adm", add_help=False,
+                   help="ipvsadm-compatible service manager (ipvs-synproxy adm -h)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["adm"]:
+        return adm.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         rc: int = args.func(args)

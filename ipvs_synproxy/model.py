@@ -320,6 +320,19 @@ class Info:
     conn_tab_size: int
 
 
+@dataclass(frozen=True)
+class SyncDaemon:
+    """A running connection-sync daemon (read only: listed, never configured here)."""
+
+    state: str  # "master" or "backup"
+    mcast_ifn: str
+    syncid: int
+    sync_maxlen: int = 0
+    mcast_group: IPAddress | None = None
+    mcast_port: int = 0
+    mcast_ttl: int = 0
+
+
 def format_endpoint(addr: IPAddress | None, port: int) -> str:
     if addr is None:
         return f"*:{port}"

@@ -49,6 +49,7 @@ from ipvs_synproxy.model import (
     Protocol,
     Service,
     Stats,
+    SyncDaemon,
     Timeouts,
     TunnelType,
 )
@@ -65,6 +66,7 @@ IPVS_CMD_NEW_DEST = 5
 IPVS_CMD_SET_DEST = 6
 IPVS_CMD_DEL_DEST = 7
 IPVS_CMD_GET_DEST = 8
+IPVS_CMD_GET_DAEMON = 11
 IPVS_CMD_SET_CONFIG = 12
 IPVS_CMD_GET_CONFIG = 13
 IPVS_CMD_SET_INFO = 14
@@ -196,6 +198,22 @@ class IpvsExtStats(nla):  # type: ignore[misc]
 
 
 @_own_nla_table
+class IpvsDaemon(nla):  # type: ignore[misc]
+    prefix = "IPVS_DAEMON_ATTR_"
+    nla_map = (
+        ("IPVS_DAEMON_ATTR_UNSPEC", "none"),
+        ("IPVS_DAEMON_ATTR_STATE", "uint32"),
+        ("IPVS_DAEMON_ATTR_MCAST_IFN", "asciiz"),
+        ("IPVS_DAEMON_ATTR_SYNC_ID", "uint32"),
+        ("IPVS_DAEMON_ATTR_SYNC_MAXLEN", "uint16"),
+        ("IPVS_DAEMON_ATTR_MCAST_GROUP", "cdata"),
+        ("IPVS_DAEMON_ATTR_MCAST_GROUP6", "cdata"),
+        ("IPVS_DAEMON_ATTR_MCAST_PORT", "uint16"),
+        ("IPVS_DAEMON_ATTR_MCAST_TTL", "uint8"),
+    )
+
+
+@_own_nla_table
 class IpvsMessage(pr_ipvs.ipvsmsg):  # type: ignore[misc]
     """Requests and replies of every command except GET_INFO's reply."""
 
@@ -204,7 +222,7 @@ class IpvsMessage(pr_ipvs.ipvsmsg):  # type: ignore[misc]
         ("IPVS_CMD_ATTR_UNSPEC", "none"),
         ("IPVS_CMD_ATTR_SERVICE", "service"),
         ("IPVS_CMD_ATTR_DEST", "dest"),
-        ("IPVS_CMD_ATTR_DAEMON", "hex"),
+        ("IPVS_CMD_ATTR_DAEMON", "daemon"),
         ("IPVS_CMD_ATTR_TIMEOUT_TCP", "uint32"),
         ("IPVS_CMD_ATTR_TIMEOUT_TCP_FIN", "uint32"),
         ("IPVS_CMD_ATTR_TIMEOUT_UDP", "uint32"),
@@ -216,6 +234,7 @@ class IpvsMessage(pr_ipvs.ipvsmsg):  # type: ignore[misc]
     dest = IpvsDest
     laddr = IpvsLaddr
     ext_stats = IpvsExtStats
+    daemon = IpvsDaemon
 
 
 @_own_nla_table
@@ -445,6 +464,26 @@ def ext_stats_from(nest: Any) -> dict[str, int]:
         if name is not None and value is not None:
             out[name] = value
     return out
+
+
+def daemon_from(nest: Any) -> SyncDaemon:
+    """A :class:`SyncDaemon` from a decoded IPVS_CMD_ATTR_DAEMON."""
+    state = nest.get_attr("IPVS_DAEMON_ATTR_STATE") or 0
+    group4 = nest.get_attr("IPVS_DAEMON_ATTR_MCAST_GROUP")
+    group6 = nest.get_attr("IPVS_DAEMON_ATTR_MCAST_GROUP6")
+    group: IPAddress | None = None
+    if group4 is not None and len(group4) >= 4:
+        group = ipaddress.IPv4Address(group4[:4])
+    elif group6 is not None and len(group6) >= 16:
+        group = ipaddress.IPv6Address(group6[:16])
+    return SyncDaemon(
+        state="master" if state & 1 else "backup" if state & 2 else f"state {state}",
+        mcast_ifn=nest.get_attr("IPVS_DAEMON_ATTR_MCAST_IFN") or "",
+        syncid=nest.get_attr("IPVS_DAEMON_ATTR_SYNC_ID") or 0,
+        sync_maxlen=nest.get_attr("IPVS_DAEMON_ATTR_SYNC_MAXLEN") or 0,
+        mcast_group=group,
+        mcast_port=nest.get_attr("IPVS_DAEMON_ATTR_MCAST_PORT") or 0,
+        mcast_ttl=nest.get_attr("IPVS_DAEMON_ATTR_MCAST_TTL") or 0)
 
 
 def build_request(cmd: int, attrs: Sequence[tuple[str, Any]] = ()) -> IpvsMessage:
@@ -763,6 +802,13 @@ class IPVS:
         v = reply.get_attr("IPVS_INFO_ATTR_VERSION") or 0
         return Info(version=f"{v >> 16}.{(v >> 8) & 0xFF}.{v & 0xFF}",
                     conn_tab_size=reply.get_attr("IPVS_INFO_ATTR_CONN_TAB_SIZE") or 0)
+
+    def daemons(self) -> list[SyncDaemon]:
+        """The running connection-sync daemons (master first)."""
+        return [daemon_from(m.get_attr("IPVS_CMD_ATTR_DAEMON"))
+                for m in self._call(IPVS_CMD_GET_DAEMON, dump=True,
+                                    what="listing sync daemons")
+                if m.get_attr("IPVS_CMD_ATTR_DAEMON") is not None]
 
     def timeouts(self) -> Timeouts:
         (reply,) = self._call(IPVS_CMD_GET_CONFIG, what="getting timeouts")

@@ -1,0 +1,265 @@
+"""The console in a real browser against the real patched kernel.
+
+The guest runs the standard topology, IPVS services with live traffic and the
+console (``tests/testbed/webui_guest.py``); its port is forwarded to the host's
+127.0.0.1. Headless Debian Chromium, driven through chromedriver's W3C
+WebDriver HTTP protocol (plain urllib, no client library), logs in, looks at
+every page, drains a real server, and the guest's ``ipvs-synproxy adm -L -n``
+must then show that server with weight 0. Screenshots of each page go to
+build/test-results/screenshots/.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from werkzeug.security import generate_password_hash
+
+from ipvs_synproxy import deps, paths
+
+PORT = 8080
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C WebDriver element key
+RS = "192.0.2.11_80"
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _browser_installed() -> None:
+    """Debian's Chromium and its driver, installed on first use (never downloaded
+    by a tool of their own)."""
+    deps.ensure_debs(["chromium", "chromium-driver"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class WebDriver:
+    """The handful of WebDriver commands this test needs."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        caps = {"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {"binary": CHROMIUM, "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1000", "--no-first-run", "--no-proxy-server"]},
+        }}}
+        self.session = self._call("POST", "/session", caps)["sessionId"]
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        data = json.dumps(body if body is not None else {}).encode() \
+            if method == "POST" else None
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read())["value"]
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"WebDriver {method} {path}: {exc.read()[:500]!r}") from None
+
+    def cmd(self, method: str, path: str, body: Any = None) -> Any:
+        return self._call(method, f"/session/{self.session}{path}", body)
+
+    def get(self, url: str) -> None:
+        self.cmd("POST", "/url", {"url": url})
+
+    def find(self, css: str) -> str:
+        return str(self.cmd("POST", "/element", {"using": "css selector", "value": css})[ELEMENT])
+
+    def find_all(self, css: str) -> list[str]:
+        return [e[ELEMENT] for e in self.cmd("POST", "/elements",
+                                             {"using": "css selector", "value": css})]
+
+    def type(self, css: str, text: str) -> None:
+        self.cmd("POST", f"/element/{self.find(css)}/value", {"text": text})
+
+    def click(self, css: str) -> None:
+        self.cmd("POST", f"/element/{self.find(css)}/click", {})
+
+    def text(self, css: str) -> str:
+        return str(self.cmd("GET", f"/element/{self.find(css)}/text"))
+
+    def attr(self, css: str, name: str) -> str | None:
+        value = self.cmd("GET", f"/element/{self.find(css)}/attribute/{name}")
+        return None if value is None else str(value)
+
+    def url(self) -> str:
+        return str(self.cmd("GET", "/url"))
+
+    def screenshot(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(self.cmd("GET", "/screenshot")))
+
+    def quit(self) -> None:
+        with contextlib.suppress(Exception):
+            self._call("DELETE", f"/session/{self.session}")
+
+
+def _wait(what: str, check: Any, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except (AssertionError, OSError):
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+class Guest:
+    """``vm exec`` running the guest side, its output collected as it comes."""
+
+    def __init__(self, config: Path, stopfile: Path) -> None:
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ipvs_synproxy.cli", "vm", "exec", "--topology",
+             "--forward", str(PORT), "--timeout", "1500", "--",
+             sys.executable, "-m", "tests.testbed.webui_guest", str(config), str(stopfile),
+             str(PORT)],
+            cwd=paths.project_root(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+@pytest.fixture
+def console(tmp_path: Path) -> Iterator[tuple[str, str, Guest, Path]]:
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", PORT)) == 0:
+            pytest.skip(f"127.0.0.1:{PORT} is in use on the host")
+    work = paths.build_dir() / "test-results" / "webui"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    password = secrets.token_urlsafe(12)
+    config = work / "console.yaml"
+    digest = generate_password_hash(password)
+    config.write_text("secret_key_file: secret.key\naudit_log: audit.log\nusers:\n"
+                      f"  - name: admin\n    role: admin\n    password_hash: '{digest}'\n")
+    stopfile = work / "stop"
+    guest = Guest(config, stopfile)
+    try:
+        _wait("the console in the guest",
+              lambda: "CONSOLE READY" in guest.output() or guest.proc.poll() is not None,
+              timeout=900)
+        assert "CONSOLE READY" in guest.output(), guest.output()[-3000:]
+        yield f"http://127.0.0.1:{PORT}", password, guest, stopfile
+    finally:
+        stopfile.touch()
+        try:
+            guest.proc.wait(300)
+        except subprocess.TimeoutExpired:
+            guest.proc.terminate()
+            guest.proc.wait(60)
+        guest.reader.join(10)
+
+
+@pytest.fixture
+def browser() -> Iterator[WebDriver]:
+    port = _free_port()
+    driver = subprocess.Popen([CHROMEDRIVER, f"--port={port}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait("chromedriver", lambda: urllib.request.urlopen(base + "/status", timeout=5))
+        wd = WebDriver(base)
+        try:
+            yield wd
+        finally:
+            wd.quit()
+    finally:
+        driver.terminate()
+        driver.wait(30)
+
+
+def test_browser_logs_in_sees_services_and_drains_a_real_server(
+        console: tuple[str, str, Guest, Path], browser: WebDriver) -> None:
+    url, password, guest, stopfile = console
+    shots = paths.build_dir() / "test-results" / "screenshots"
+    sid = "tcp_198.51.100.10_80"
+
+    browser.get(url + "/")
+    assert "/login" in browser.url()
+    browser.screenshot(shots / "01-login.png")
+    browser.type("#username", "admin")
+    browser.type("#password", password)
+    browser.click("#login")
+
+    _wait("the overview", lambda: "198.51.100.10:80/tcp" in browser.text("#services"))
+    overview = browser.text("#services")
+    assert "[2001:db8:1::10]:80/tcp" in overview and "192.0.2.11:80 up" in overview
+    browser.screenshot(shots / "02-overview.png")
+
+    browser.get(f"{url}/services/{sid}")
+    row = f'#real-servers tr[data-rs="{RS}"]'
+    assert browser.text(f"{row} .weight") == "2"
+    browser.screenshot(shots / "03-service.png")
+
+    browser.click(f"{row} button.drain")
+    _wait("the confirmation page", lambda: "Drain real server" in browser.text("main"))
+    browser.screenshot(shots / "04-confirm-drain.png")
+    browser.click("#confirm")
+    _wait("the drained weight", lambda: browser.text(f"{row} .weight") == "0")
+    assert browser.text(f"{row} .health") == "drained"
+    browser.screenshot(shots / "05-service-drained.png")
+
+    browser.get(f"{url}/synproxy")
+    _wait("chart samples",
+          lambda: int(browser.attr("#ext-charts", "data-samples") or 0) >= 8, timeout=120)
+    assert browser.find_all("#ext-charts .chart svg path.line")
+    # FULLNAT traffic runs in the guest: its counter moves on the live page
+    total = '#ext-totals tr[data-counter="fullnat_conn_new"] .total'
+    assert int(browser.text(total)) > 0
+    browser.screenshot(shots / "06-synproxy.png")
+
+    browser.get(f"{url}/sysctl")
+    assert "net.ipv4.vs.fullnat_lport_min" in browser.text("#sysctls")
+    browser.screenshot(shots / "07-sysctl.png")
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        metrics = r.read().decode()
+    assert 'remote_address="192.0.2.11"' in metrics
+
+    stopfile.touch()
+    guest.proc.wait(300)
+    guest.reader.join(10)
+    out = guest.output()
+    assert guest.proc.returncode == 0, out[-3000:]
+    adm = out.split("--- adm\n", 1)[1].split("--- end adm", 1)[0]
+    vip = next(i for i, ln in enumerate(adm.splitlines()) if "198.51.100.10:80 wrr" in ln)
+    rows = adm.splitlines()[vip + 1:vip + 3]
+    drained = [ln.split() for ln in rows if "192.0.2.11:80" in ln]
+    assert drained and drained[0][3] == "0", adm  # -> ADDR:PORT Forward Weight …
+    audit = (paths.build_dir() / "test-results" / "webui" / "audit.log").read_text()
+    assert '"action": "drain"' in audit and '"user": "admin"' in audit

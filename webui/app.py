@@ -1,0 +1,80 @@
+"""The application factory: settings in, a configured Flask app out."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from flask import Flask, Response, jsonify, render_template, request
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException
+
+from ipvs_synproxy import stats
+from webui import api, auth, metrics, pages
+from webui.audit import AuditLog
+from webui.service import ConsoleError, ConsoleService
+from webui.settings import Settings, check_users
+
+# No inline script or style anywhere: the CSP allows only this origin's files.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+
+
+def build(settings: Settings, service: ConsoleService | None = None) -> Flask:
+    check_users(settings.users)  # never run without credentials
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        SESSION_COOKIE_NAME="ipvs_console",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+        SESSION_COOKIE_SECURE=settings.session_cookie_secure,
+        PERMANENT_SESSION_LIFETIME=datetime.timedelta(hours=8),
+        MAX_CONTENT_LENGTH=64 * 1024,
+        CONSOLE_USERS=dict(settings.users),
+        CONSOLE_NETNS=settings.netns,
+        AUDIT_LOG=settings.audit_log,
+    )
+    app.config.update(settings.extra)
+    app.extensions["ipvs_console"] = service or ConsoleService.for_netns(settings.netns)
+    app.extensions["ipvs_audit"] = AuditLog(settings.audit_log)
+    app.extensions["ipvs_login_throttle"] = auth.LoginThrottle()
+    app.extensions["ipvs_metrics"] = metrics.make_registry(app.extensions["ipvs_console"])
+
+    app.before_request(auth.load_user)
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(pages.bp)
+    app.register_blueprint(api.bp, url_prefix="/api")
+    app.register_blueprint(metrics.bp)
+    app.jinja_env.globals["csrf_token"] = auth.csrf_token
+    app.jinja_env.autoescape = True
+    app.jinja_env.filters["human"] = stats.human
+
+    @app.after_request
+    def _headers(resp: Response) -> Response:
+        resp.headers.setdefault("Content-Security-Policy", CSP)
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        resp.headers["X-Frame-Options"] = "DENY"
+        resp.headers["Referrer-Policy"] = "same-origin"
+        if request.endpoint != "static":
+            resp.headers.setdefault("Cache-Control", "no-store")
+        return resp
+
+    @app.errorhandler(ConsoleError)
+    def _console_error(exc: ConsoleError) -> ResponseReturnValue:
+        return _error(exc.status, exc.message, exc.field)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> ResponseReturnValue:
+        return _error(exc.code or 500, exc.description or exc.name, None)
+
+    return app
+
+
+def _error(status: int, message: str, field: str | None) -> ResponseReturnValue:
+    if auth.is_api():
+        body: dict[str, Any] = {"error": message, "status": status}
+        if field:
+            body["field"] = field
+        return jsonify(body), status
+    return render_template("error.html", status=status, message=message), status

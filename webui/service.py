@@ -1,0 +1,472 @@
+"""The console's service layer: everything the pages, the API and /metrics ask of
+the kernel, through :mod:`ipvs_synproxy` only (never netlink messages here).
+
+:class:`ConsoleService` takes a ``connect`` callable that returns an IPVS
+control connection (:class:`ipvs_synproxy.netlink.IPVS` in production, a stand-in
+in tests) and a sysctl reader. A connection is opened per call: ``IPVS`` is not
+thread-safe and the WSGI server runs requests on several threads.
+
+Input from the web is validated here, before anything reaches the kernel:
+:class:`InputError` (HTTP 400) names the field; nothing is changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
+
+from ipvs_synproxy import netlink
+from ipvs_synproxy import sysctl as sysctl_mod
+from ipvs_synproxy.model import (
+    Dest,
+    Family,
+    FwdMethod,
+    IPAddress,
+    Laddr,
+    ModelError,
+    Service,
+    Stats,
+    make_dest,
+)
+
+WEIGHT_MAX = 65535  # ipvsadm's limit; the kernel would take up to INT_MAX
+STATS_FIELDS = [f.name for f in dataclasses.fields(Stats)]
+PROC_STATS = "/proc/thread-self/net/ip_vs_stats"  # thread-self: setns is per thread
+_DECIMAL = re.compile(r"-?[0-9]{1,12}")
+
+
+class Kernel(Protocol):
+    """What the console needs of an IPVS connection (netlink.IPVS has it all)."""
+
+    def __enter__(self) -> Kernel: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def supports(self, cmd: int) -> bool: ...
+    def services(self) -> list[Service]: ...
+    def dests(self, svc: Service) -> list[Dest]: ...
+    def laddrs(self, svc: Service) -> list[Laddr]: ...
+    def ext_stats(self) -> dict[str, int]: ...
+    def edit_service(self, svc: Service) -> None: ...
+    def add_dest(self, svc: Service, dest: Dest) -> None: ...
+    def edit_dest(self, svc: Service, dest: Dest) -> None: ...
+    def del_dest(self, svc: Service, dest: Dest) -> None: ...
+
+
+class SysctlReader(Protocol):
+    def read_all(self) -> dict[str, sysctl_mod.Value]: ...
+
+
+class ConsoleError(Exception):
+    status = 500
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InputError(ConsoleError):
+    """Bad input from the user (HTTP 400); nothing was changed."""
+
+    status = 400
+
+
+class NotFoundError(ConsoleError):
+    """A page or API resource that does not exist (HTTP 404)."""
+
+    status = 404
+
+
+class ConflictError(ConsoleError):
+    """The kernel's table is not in the state the request assumed (HTTP 409)."""
+
+    status = 409
+
+
+class KernelError(ConsoleError):
+    """The kernel refused or IPVS is unreachable (HTTP 502/503)."""
+
+    status = 502
+
+
+# ---- identifiers in URLs ------------------------------------------------------------------
+#
+# A service is ``tcp_198.51.100.10_80``, ``tcp_2001:db8:1::10_80`` or ``fwm_5_ipv4``;
+# a real server ``192.0.2.11_80``. Addresses never contain "_", so it splits cleanly.
+
+
+def service_id(svc: Service) -> str:
+    if svc.fwmark:
+        return f"fwm_{svc.fwmark}_{'ipv6' if svc.af == Family.INET6 else 'ipv4'}"
+    return f"{svc.protocol.value}_{svc.addr}_{svc.port}"
+
+
+def dest_id(dest: Dest) -> str:
+    return f"{dest.addr}_{dest.port}"
+
+
+def _split_dest_id(text: str) -> tuple[IPAddress, int]:
+    addr_text, sep, port_text = text.rpartition("_")
+    try:
+        if not sep or not port_text.isdigit():
+            raise ValueError
+        port = int(port_text)
+        if port > 65535:
+            raise ValueError
+        return ipaddress.ip_address(addr_text), port
+    except ValueError:
+        raise InputError(f"not a real server: {text!r} (expected ADDRESS_PORT)",
+                         "real_server") from None
+
+
+# ---- validating input --------------------------------------------------------------------
+
+
+def parse_weight(value: object) -> int:
+    """A weight from a form or JSON: a decimal integer 0-65535 (ipvsadm's range)."""
+    if isinstance(value, bool) or value is None:
+        raise InputError(f"weight must be an integer 0-{WEIGHT_MAX}", "weight")
+    if isinstance(value, str):
+        text = value.strip()
+        if not _DECIMAL.fullmatch(text):
+            raise InputError(f"weight must be an integer 0-{WEIGHT_MAX}, got {value!r}",
+                             "weight")
+        value = int(text)
+    if not isinstance(value, int):
+        raise InputError(f"weight must be an integer 0-{WEIGHT_MAX}, got {value!r}",
+                         "weight")
+    if not 0 <= value <= WEIGHT_MAX:
+        raise InputError(f"weight {value} out of range 0-{WEIGHT_MAX}", "weight")
+    return value
+
+
+def parse_bool(value: object, field: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("on", "true", "1", "yes"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("off", "false", "0", "no"):
+        return False
+    raise InputError(f"{field} must be true or false, got {value!r}", field)
+
+
+def parse_port(value: object, field: str = "port") -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise InputError(f"{field} must be an integer 0-65535, got {value!r}", field)
+    return value
+
+
+FWD_CHOICES = ("masq", "route", "tunnel", "fullnat")
+
+
+# ---- reading ------------------------------------------------------------------------------
+
+
+def health(dest: Dest) -> str:
+    """What IPVS itself knows of a real server: health checks (keepalived) show up
+    as weight changes or removal, so weight 0 is "drained"; a server at its upper
+    connection threshold gets no new connections ("overloaded")."""
+    if dest.weight == 0:
+        return "drained"
+    if dest.u_thresh and dest.active_conns + dest.inact_conns >= dest.u_thresh:
+        return "overloaded"
+    return "up"
+
+
+def stats_dict(s: Stats | None) -> dict[str, int]:
+    s = s or Stats()
+    return {name: getattr(s, name) for name in STATS_FIELDS}
+
+
+def dest_dict(dest: Dest) -> dict[str, Any]:
+    return {"id": dest_id(dest), "addr": str(dest.addr), "port": dest.port,
+            "forward": dest.fwd.name.lower(), "weight": dest.weight,
+            "upper_threshold": dest.u_thresh, "lower_threshold": dest.l_thresh,
+            "active_conns": dest.active_conns, "inactive_conns": dest.inact_conns,
+            "persistent_conns": dest.persist_conns, "health": health(dest),
+            "stats": stats_dict(dest.stats)}
+
+
+def service_dict(svc: Service, dests: list[Dest]) -> dict[str, Any]:
+    methods = sorted({d.fwd.name.lower() for d in dests})
+    up = sum(1 for d in dests if health(d) == "up")
+    return {
+        "id": service_id(svc), "name": str(svc),
+        "protocol": svc.protocol.value if not svc.fwmark else "fwmark",
+        "vip": str(svc.addr) if svc.addr is not None else None, "port": svc.port,
+        "fwmark": svc.fwmark or None, "family": "ipv6" if svc.af == Family.INET6 else "ipv4",
+        "scheduler": svc.scheduler, "persistent": svc.persistent, "synproxy": svc.synproxy,
+        "methods": methods, "stats": stats_dict(svc.stats),
+        "active_conns": sum(d.active_conns for d in dests),
+        "inactive_conns": sum(d.inact_conns for d in dests),
+        "health": "down" if dests and not up else ("no real servers" if not dests else
+                                                   f"{up}/{len(dests)} up"),
+        "real_servers": [dest_dict(d) for d in dests],
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """One read of the kernel's table (what /metrics and the pages show)."""
+
+    services: tuple[tuple[Service, tuple[Dest, ...], tuple[Laddr, ...]], ...]
+    ext: Mapping[str, int] | None
+    totals: Mapping[str, int] | None  # /proc/net/ip_vs_stats (None: not readable)
+
+
+def parse_proc_stats(text: str) -> dict[str, int]:
+    """The totals row of /proc/net/ip_vs_stats (hexadecimal numbers)."""
+    lines = [ln.split() for ln in text.splitlines() if ln.strip()]
+    row = lines[2]
+    names = ("conns", "inpkts", "outpkts", "inbytes", "outbytes")
+    return {n: int(v, 16) for n, v in zip(names, row[:5], strict=True)}
+
+
+def read_proc_stats(netns: str | None) -> dict[str, int] | None:
+    ctx: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if netns is not None:
+        from ipvs_synproxy.testbed.netns import netns as enter_netns
+
+        ctx = enter_netns(netns)
+    try:
+        with ctx, open(PROC_STATS) as f:
+            return parse_proc_stats(f.read())
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class _RateSampler:
+    """Per-second rates of the extended counters, between reads at least
+    ``min_interval`` apart (several browsers polling share one estimate)."""
+
+    def __init__(self, clock: Callable[[], float], min_interval: float = 0.5) -> None:
+        self.clock = clock
+        self.min_interval = min_interval
+        self.lock = threading.Lock()
+        self.prev: tuple[float, dict[str, int]] | None = None
+        self.rates: dict[str, float] = {}
+
+    def update(self, ext: Mapping[str, int]) -> dict[str, float]:
+        now = self.clock()
+        with self.lock:
+            if self.prev is None:
+                self.prev = (now, dict(ext))
+                self.rates = {k: 0.0 for k in ext}
+            elif now - self.prev[0] >= self.min_interval:
+                t0, old = self.prev
+                dt = now - t0
+                self.rates = {k: round(max(0, v - old.get(k, v)) / dt, 3)
+                              for k, v in ext.items()}
+                self.prev = (now, dict(ext))
+            return dict(self.rates)
+
+
+class ConsoleService:
+    def __init__(self, connect: Callable[[], Kernel], sysctls: SysctlReader,
+                 proc_stats: Callable[[], dict[str, int] | None] = lambda: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._connect = connect
+        self._sysctls = sysctls
+        self._proc_stats = proc_stats
+        self._sampler = _RateSampler(clock)
+
+    @classmethod
+    def for_netns(cls, netns: str | None) -> ConsoleService:
+        return cls(lambda: netlink.IPVS(netns), sysctl_mod.Sysctls(netns),
+                   lambda: read_proc_stats(netns))
+
+    @contextlib.contextmanager
+    def _kernel(self) -> Iterator[Kernel]:
+        try:
+            with self._connect() as k:
+                yield k
+        except netlink.IpvsUnavailable as exc:
+            err = KernelError(str(exc))
+            err.status = 503
+            raise err from None
+        except netlink.NotFound as exc:
+            raise InputError(str(exc)) from None
+        except netlink.AlreadyExists as exc:
+            raise ConflictError(str(exc)) from None
+        except netlink.NetlinkError as exc:
+            raise KernelError(str(exc)) from None
+        except OSError as exc:  # no such netns, no permission
+            err = KernelError(f"cannot reach IPVS: {exc.strerror or exc}")
+            err.status = 503
+            raise err from None
+
+    # -- reads
+
+    def table(self, with_laddrs: bool = True) -> Table:
+        rows = []
+        with self._kernel() as k:
+            has_laddr = k.supports(netlink.IPVS_CMD_GET_LADDR)
+            for svc in k.services():
+                try:
+                    dests = tuple(k.dests(svc))
+                    laddrs = tuple(k.laddrs(svc)) if with_laddrs and has_laddr else ()
+                except netlink.ServiceNotFound:  # deleted while we listed
+                    continue
+                rows.append((svc, dests, laddrs))
+            ext = None
+            if k.supports(netlink.IPVS_CMD_GET_EXT_STATS):
+                with contextlib.suppress(netlink.NotSupported):
+                    ext = k.ext_stats()
+        return Table(tuple(rows), ext, self._proc_stats())
+
+    def overview(self) -> dict[str, Any]:
+        t = self.table(with_laddrs=False)
+        return {"services": [service_dict(s, list(d)) for s, d, _ in t.services],
+                "extended_stats": t.ext is not None}
+
+    def _find(self, k: Kernel, sid: str, status: type[ConsoleError]) -> Service:
+        for svc in k.services():
+            if service_id(svc) == sid:
+                return svc
+        raise status(f"no service {sid!r}", "service")
+
+    def _find_dest(self, k: Kernel, svc: Service, rid: str) -> Dest:
+        addr, port = _split_dest_id(rid)
+        for d in k.dests(svc):
+            if (d.addr, d.port) == (addr, port):
+                return d
+        raise InputError(f"service {svc} has no real server {rid!r}", "real_server")
+
+    def _lport_range(self) -> int:
+        try:
+            knobs = self._sysctls.read_all()
+        except sysctl_mod.SysctlError:
+            knobs = {}
+        lo = knobs.get("fullnat_lport_min", (1024,))[0]
+        hi = knobs.get("fullnat_lport_max", (65535,))[0]
+        return max(1, hi - lo + 1)
+
+    def service(self, sid: str) -> dict[str, Any]:
+        with self._kernel() as k:
+            svc = self._find(k, sid, NotFoundError)
+            dests = k.dests(svc)
+            laddrs = k.laddrs(svc) if k.supports(netlink.IPVS_CMD_GET_LADDR) else None
+        out = service_dict(svc, dests)
+        ports = self._lport_range()
+        out["laddrs_supported"] = laddrs is not None
+        out["laddrs"] = [{"addr": str(la.addr), "conns": la.conn_counts,
+                          "port_conflicts": la.port_conflict, "ports": ports,
+                          "usage_percent": round(100.0 * la.conn_counts / ports, 2)}
+                         for la in laddrs or []]
+        return out
+
+    def dest(self, sid: str, rid: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(service summary, real server) for confirm pages; unknown → 400."""
+        with self._kernel() as k:
+            svc = self._find(k, sid, InputError)
+            dest = self._find_dest(k, svc, rid)
+        return service_dict(svc, []), dest_dict(dest)
+
+    def ext(self) -> dict[str, Any]:
+        with self._kernel() as k:
+            ext = None
+            if k.supports(netlink.IPVS_CMD_GET_EXT_STATS):
+                with contextlib.suppress(netlink.NotSupported):
+                    ext = k.ext_stats()
+        if ext is None:
+            return {"available": False, "time": time.time(), "totals": {}, "rates": {}}
+        return {"available": True, "time": time.time(), "totals": dict(ext),
+                "rates": self._sampler.update(ext)}
+
+    def sysctls(self) -> list[dict[str, Any]]:
+        try:
+            live = self._sysctls.read_all()
+        except sysctl_mod.SysctlError as exc:
+            raise KernelError(str(exc)) from None
+        out = []
+        for name in sorted(set(live) | set(sysctl_mod.KNOBS)):
+            knob = sysctl_mod.KNOBS.get(name)
+            value = live.get(name)
+            out.append({
+                "name": f"{sysctl_mod.PREFIX}{name}",
+                "value": None if value is None else " ".join(map(str, value)),
+                "present": value is not None,
+                "default": knob.default.replace("\t", " ") if knob else None,
+                "changed": (value is not None and knob is not None and bool(knob.default)
+                            and " ".join(map(str, value)) != knob.default.replace("\t", " ")),
+                "meaning": knob.meaning if knob else None,
+                "origin": knob.origin if knob else None,
+            })
+        return out
+
+    # -- changes (each returns a description for the audit log and the reply)
+
+    def set_weight(self, sid: str, rid: str, weight: object) -> dict[str, Any]:
+        w = parse_weight(weight)
+        with self._kernel() as k:
+            svc = self._find(k, sid, InputError)
+            dest = self._find_dest(k, svc, rid)
+            k.edit_dest(svc, dataclasses.replace(dest, weight=w))
+        return {"service": sid, "real_server": rid, "old_weight": dest.weight,
+                "weight": w}
+
+    def _new_dest(self, k: Kernel, svc: Service, addr: object, port: object,
+                  weight: object, forward: object) -> Dest:
+        w = parse_weight(weight)
+        if not isinstance(addr, str) or not addr.strip():
+            raise InputError("addr: an IP address is required", "addr")
+        if forward not in (None, "", *FWD_CHOICES):
+            raise InputError(f"forward must be one of {', '.join(FWD_CHOICES)}, "
+                             f"got {forward!r}", "forward")
+        p = svc.port if port in (None, "") else parse_port(port)
+        existing = k.dests(svc)
+        fwd: object = forward or (existing[0].fwd.name.lower() if existing else "masq")
+        try:
+            dest = make_dest(source="web", addr=addr, port=p, fwd=fwd, weight=w)
+        except ModelError as exc:
+            raise InputError(f"{exc.field}: {exc.message}", exc.field) from None
+        if dest.af != svc.af and dest.fwd != FwdMethod.TUNNEL:
+            raise InputError(f"addr: {dest.addr} is not of the service's family "
+                             "(only tunnel forwarding may mix families)", "addr")
+        if any((d.addr, d.port) == (dest.addr, dest.port) for d in existing):
+            raise ConflictError(f"service {svc} already has real server {dest}")
+        return dest
+
+    def check_new_dest(self, sid: str, addr: object, port: object = None,
+                       weight: object = 1, forward: object = None
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Validate a new real server without adding it (for the confirm step)."""
+        with self._kernel() as k:
+            svc = self._find(k, sid, InputError)
+            dest = self._new_dest(k, svc, addr, port, weight, forward)
+        return service_dict(svc, []), dest_dict(dest)
+
+    def add_dest(self, sid: str, addr: object, port: object = None, weight: object = 1,
+                 forward: object = None) -> dict[str, Any]:
+        with self._kernel() as k:
+            svc = self._find(k, sid, InputError)
+            dest = self._new_dest(k, svc, addr, port, weight, forward)
+            k.add_dest(svc, dest)
+        return {"service": sid, "real_server": dest_id(dest), "weight": dest.weight,
+                "forward": dest.fwd.name.lower()}
+
+    def del_dest(self, sid: str, rid: str) -> dict[str, Any]:
+        with self._kernel() as k:
+            svc = self._find(k, sid, InputError)
+            dest = self._find_dest(k, svc, rid)
+            k.del_dest(svc, dest)
+        return {"service": sid, "real_server": rid}
+
+    def set_synproxy(self, sid: str, enabled: object) -> dict[str, Any]:
+        on = parse_bool(enabled, "synproxy")
+        with self._kernel() as k:
+            svc = self._find(k, sid, InputError)
+            try:
+                new = dataclasses.replace(svc, synproxy=on, stats=None)
+            except ModelError as exc:
+                raise InputError(exc.message, "synproxy") from None
+            if new.synproxy != svc.synproxy:
+                k.edit_service(new)
+        return {"service": sid, "old_synproxy": svc.synproxy, "synproxy": on}

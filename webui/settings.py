@@ -1,0 +1,191 @@
+"""The console's configuration file (YAML) and the values built from it.
+
+```yaml
+listen: 127.0.0.1:8080          # default; a non-loopback address must be asked for
+netns: lb                       # optional: act on IPVS in this network namespace
+secret_key_file: /etc/ipvs-synproxy/webui.key   # signs sessions; created (0600) if absent
+audit_log: /var/log/ipvs-synproxy/webui-audit.log
+session_cookie_secure: false    # true when served behind HTTPS
+users:
+  - name: alice
+    role: admin                 # admin: may change things; readonly: may look
+    password_hash: "scrypt:…"   # ipvs-synproxy webui --hash-password
+  - name: grafana
+    role: readonly
+    token_hash: "scrypt:…"      # API token: Authorization: Bearer grafana:TOKEN
+```
+
+There is no default user and no default password: :func:`load` refuses a file
+without at least one user that has a password or token hash.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROLES = ("admin", "readonly")
+DEFAULT_LISTEN = ("127.0.0.1", 8080)
+SECRET_LEN = 32
+_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+_KEYS = ("listen", "netns", "secret_key_file", "audit_log", "users", "session_cookie_secure")
+_USER_KEYS = ("name", "role", "password_hash", "token_hash")
+
+
+class SettingsError(Exception):
+    """A missing or bad setting; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    role: str
+    password_hash: str | None = None
+    token_hash: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+@dataclass(frozen=True)
+class Settings:
+    users: Mapping[str, User]
+    secret_key: bytes
+    audit_log: str
+    netns: str | None = None
+    listen: tuple[str, int] = DEFAULT_LISTEN
+    session_cookie_secure: bool = False
+    extra: Mapping[str, object] = field(default_factory=dict)  # Flask config overrides
+
+
+def parse_listen(text: str, source: str = "listen") -> tuple[str, int]:
+    """``127.0.0.1:8080``, ``[::1]:8080`` → (host, port)."""
+    value = text.strip()
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise SettingsError(f"{source}: expected [ADDRESS]:PORT, got {text!r}")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep:
+            raise SettingsError(f"{source}: expected ADDRESS:PORT, got {text!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise SettingsError(f"{source}: not an IP address: {host!r}") from None
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise SettingsError(f"{source}: not a port number: {port_text!r}")
+    return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    return ipaddress.ip_address(host).is_loopback
+
+
+def check_users(users: Mapping[str, User]) -> None:
+    """Refuse to run without credentials: no default user, no default password."""
+    if not users:
+        raise SettingsError(
+            "no users configured: the console never starts with a default login. Add "
+            "'users:' with at least one entry (name, role admin|readonly, password_hash); "
+            "make a hash with: ipvs-synproxy webui --hash-password")
+    for u in users.values():
+        if u.role not in ROLES:
+            raise SettingsError(f"user {u.name}: role must be one of {', '.join(ROLES)}")
+        if not u.password_hash and not u.token_hash:
+            raise SettingsError(f"user {u.name}: needs password_hash or token_hash")
+        for h in (u.password_hash, u.token_hash):
+            if h is not None and ":" not in h:  # werkzeug: method:params$salt$hash
+                raise SettingsError(f"user {u.name}: {h[:12]!r}… is not a password hash "
+                                    "(never put a clear-text password in the file)")
+
+
+def _read_users(raw: object, source: str) -> dict[str, User]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, list):
+        raise SettingsError(f"{source}: users: expected a list")
+    users: dict[str, User] = {}
+    for i, entry in enumerate(raw):
+        where = f"{source}: users[{i}]"
+        if not isinstance(entry, dict):
+            raise SettingsError(f"{where}: expected a mapping")
+        unknown = sorted(set(entry) - set(_USER_KEYS))
+        if unknown:
+            raise SettingsError(f"{where}: unknown key {unknown[0]!r} "
+                                f"(expected: {', '.join(_USER_KEYS)})")
+        name = entry.get("name")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise SettingsError(f"{where}: name: 1-64 of A-Z a-z 0-9 _ . @ -")
+        if name in users:
+            raise SettingsError(f"{where}: duplicate user {name!r}")
+        role = entry.get("role", "readonly")
+        hashes = {k: entry.get(k) for k in ("password_hash", "token_hash")}
+        for k, v in hashes.items():
+            if v is not None and not isinstance(v, str):
+                raise SettingsError(f"{where}: {k}: expected a string")
+        users[name] = User(name, str(role), hashes["password_hash"], hashes["token_hash"])
+    return users
+
+
+def read_secret_key(path: str) -> bytes:
+    """The session-signing key; a new random one is written (mode 0600) if absent."""
+    p = Path(path)
+    if not p.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, os.urandom(SECRET_LEN).hex().encode() + b"\n")
+        finally:
+            os.close(fd)
+    data = p.read_bytes().strip()
+    if len(data) < 16:
+        raise SettingsError(f"secret_key_file {path}: at least 16 bytes of random data "
+                            "needed (delete the file to have one generated)")
+    return data
+
+
+def load(path: str) -> Settings:
+    """Read the YAML settings file; :class:`SettingsError` on any problem."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except OSError as exc:
+        raise SettingsError(f"{path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path}: expected a mapping of settings")
+    unknown = sorted(set(raw) - set(_KEYS))
+    if unknown:
+        raise SettingsError(f"{path}: unknown key {unknown[0]!r} (expected: "
+                            f"{', '.join(_KEYS)})")
+    users = _read_users(raw.get("users"), path)
+    check_users(users)
+    base = Path(path).resolve().parent
+
+    def _path(key: str) -> str:
+        value = raw.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise SettingsError(f"{path}: {key}: a file name is required")
+        return str(base / value.strip())
+
+    listen = parse_listen(str(raw["listen"]), f"{path}: listen") if "listen" in raw \
+        else DEFAULT_LISTEN
+    netns = raw.get("netns")
+    if netns is not None and (not isinstance(netns, str) or not _NAME.fullmatch(netns)):
+        raise SettingsError(f"{path}: netns: not a namespace name: {netns!r}")
+    secure = raw.get("session_cookie_secure", False)
+    if not isinstance(secure, bool):
+        raise SettingsError(f"{path}: session_cookie_secure: true or false")
+    return Settings(users=users, secret_key=read_secret_key(_path("secret_key_file")),
+                    audit_log=_path("audit_log"), netns=netns, listen=listen,
+                    session_cookie_secure=secure)
