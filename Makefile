@@ -40,6 +40,7 @@ testbed-test: venv
 
 # End-to-end tests inside the guest against the real patched modules.
 vm-test: venv
+	$(SP) kmod build-toa
 	mkdir -p $(RESULTS)
 	rm -f $(RESULTS)/vm.xml
 	$(SP) vm exec --topology --timeout $(VM_TIMEOUT) -- \
@@ -48,8 +49,9 @@ vm-test: venv
 
 test: check unit testbed-test vm-test
 
-# The main job: the testbed serving clients through IPVS, shown step by step.
+# The main job: clients served through FULLNAT VIPs in the guest, step by step.
 demo: venv
+	$(SP) kmod build-toa
 	$(SP) vm exec --topology -- python -m ipvs_synproxy.testbed.demo
 
 clean:
