@@ -28,7 +28,7 @@ Known differences from ipvsadm 1.31: every usage error exits with status 2
 (ipvsadm uses 255 for popt errors such as an unknown option or a missing
 argument); ``-R`` checks every line before applying any (ipvsadm applies the
 lines before a malformed one); a non-contiguous IPv4 persistence mask is
-refused; the sync daemon cannot be started or stopped here (``--daemon`` lists it).
+refused.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from ipvs_synproxy.model import (
     INT_MAX,
@@ -230,6 +230,7 @@ class AdmCommand:
     timeouts: Timeouts | None = None
     laddr: IPAddress | None = None
     daemon_state: str | None = None
+    daemon: SyncDaemon | None = None
 
 
 @dataclass
@@ -258,6 +259,7 @@ class _Raw:
     tun_port: int = 0
     tun_flags: int = 0
     sched_flags_arg: str = ""
+    daemon: dict[str, object] = field(default_factory=dict)  # SyncDaemon fields
     options: list[str] = field(default_factory=list)
     fmt: dict[str, bool] = field(default_factory=dict)
 
@@ -428,6 +430,37 @@ def _tokens(argv: Sequence[str]) -> Iterable[tuple[str, _Opt | None, str | None,
 # ---- parsing ------------------------------------------------------------------------------
 
 
+# ipvsadm's limits for the sync daemon's options: (field, low, high, message).
+_DAEMON_NUMBERS = {
+    "syncid": ("syncid", 0, 255, "illegal syncid specified"),
+    "sync-maxlen": ("sync_maxlen", 1, 65535 - 20 - 8, "illegal sync-maxlen specified"),
+    "mcast-port": ("mcast_port", 1, 65535, "illegal mcast-port specified"),
+    "mcast-ttl": ("mcast_ttl", 1, 255, "illegal mcast-ttl specified"),
+}
+IFNAMSIZ = 16
+
+
+def _daemon_option(raw: _Raw, key: str, arg: str) -> None:
+    if key == "mcast-interface":
+        # ipvsadm keeps what fits in the kernel's interface name buffer.
+        raw.daemon["mcast_ifn"] = arg[: IFNAMSIZ - 1]
+    elif key == "mcast-group":
+        v6 = ":" in arg
+        try:
+            group = ipaddress.ip_address(arg)
+        except ValueError:
+            group = None
+        if group is None or group.version != (6 if v6 else 4) or not group.is_multicast:
+            raise AdmUsageError(f"invalid IPv{6 if v6 else 4} mcast-group `{arg}'")
+        raw.daemon["mcast_group"] = group
+    else:
+        name, lo, hi, message = _DAEMON_NUMBERS[key]
+        value = _string_to_number(arg, lo, hi)
+        if value is None:
+            raise AdmUsageError(message)
+        raw.daemon[name] = value
+
+
 def _set_option(raw: _Raw, name: str) -> None:
     if name in raw.options:
         raise AdmUsageError(f"multiple '{name}' options specified")
@@ -524,7 +557,10 @@ def _apply_option(raw: _Raw, spelling: str, key: str, arg: str | None) -> None:
         _set_option(raw, "numeric")
         raw.fmt["numeric"] = True
     elif key in ("mcast-interface", "mcast-group", "mcast-port", "mcast-ttl",
-                 "sync-maxlen", "syncid", "timeout", "daemon"):
+                 "sync-maxlen", "syncid"):
+        _set_option(raw, key)
+        _daemon_option(raw, key, arg or "")
+    elif key in ("timeout", "daemon"):
         _set_option(raw, key)
     elif key in ("stats", "rate", "thresholds", "persistent-conn", "nosort", "tun-info"):
         _set_option(raw, key)
@@ -669,10 +705,15 @@ def parse(argv: Sequence[str]) -> AdmCommand:
             raise AdmUsageError(f"{flag}: not an IP address: {laddr_arg!r}") from None
         if laddr.version != (6 if raw.af == socket.AF_INET6 else 4):
             raise AdmUsageError(f"{flag}: {laddr} is not of the service's address family")
+    daemon = None
+    if state is not None:
+        # ipvsadm's defaults: interface eth0, sync id 0; the kernel fills the rest.
+        fields: dict[str, Any] = {"mcast_ifn": "eth0", "syncid": 0, **raw.daemon}
+        daemon = SyncDaemon(state=state, **fields)
     return AdmCommand(command=command, options=frozenset(raw.options),
                       fmt=Format(**raw.fmt), service=_service_of(raw, command),
                       dest=_dest_of(raw, command), timeouts=timeouts, laddr=laddr,
-                      daemon_state=state)
+                      daemon_state=state, daemon=daemon)
 
 
 def _check_tunnel_options(raw: _Raw) -> None:
@@ -1124,6 +1165,8 @@ _OP_ERRORS: dict[tuple[str, int], str] = {
     ("laddr-del", errno.ESRCH): "Service not defined",
     ("laddr-del", errno.ENOENT): "No such Local address",
     ("laddr-list", errno.ESRCH): "No such service",
+    ("start-daemon", errno.EEXIST): "Daemon has already run",
+    ("stop-daemon", errno.ESRCH): "No daemon is running",
 }
 _ERRNO_TEXT = {
     errno.EPERM: "Permission denied (you must be root)",
@@ -1275,9 +1318,10 @@ class _Runner:
             if reading_stdin:
                 raise AdmUsageError("-R: cannot restore from within a restore", try_help=True)
             return self.restore()
-        elif c in ("start-daemon", "stop-daemon"):
-            raise AdmUsageError(f"--{c}: the connection sync daemon is not managed by "
-                                f"{self.prog}; use ipvsadm")
+        elif c == "start-daemon" and cmd.daemon is not None:
+            self.ipvs.start_daemon(cmd.daemon)
+        elif c == "stop-daemon" and cmd.daemon is not None:
+            self.ipvs.stop_daemon(cmd.daemon)
         elif c == "list":
             return self._list(cmd)
         elif c == "save":

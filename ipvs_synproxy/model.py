@@ -322,7 +322,7 @@ class Info:
 
 @dataclass(frozen=True)
 class SyncDaemon:
-    """A running connection-sync daemon (read only: listed, never configured here)."""
+    """A connection-sync daemon: listed, started and stopped like ipvsadm does."""
 
     state: str  # "master" or "backup"
     mcast_ifn: str

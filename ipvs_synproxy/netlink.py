@@ -66,6 +66,8 @@ IPVS_CMD_NEW_DEST = 5
 IPVS_CMD_SET_DEST = 6
 IPVS_CMD_DEL_DEST = 7
 IPVS_CMD_GET_DEST = 8
+IPVS_CMD_NEW_DAEMON = 9
+IPVS_CMD_DEL_DAEMON = 10
 IPVS_CMD_GET_DAEMON = 11
 IPVS_CMD_SET_CONFIG = 12
 IPVS_CMD_GET_CONFIG = 13
@@ -466,6 +468,29 @@ def ext_stats_from(nest: Any) -> dict[str, int]:
     return out
 
 
+_DAEMON_STATES = {"master": 1, "backup": 2}
+
+
+def daemon_attrs(d: SyncDaemon) -> dict[str, Any]:
+    """IPVS_CMD_ATTR_DAEMON for starting ``d``; optional fields only when set, so
+    the kernel applies its own defaults as it does for ipvsadm."""
+    pairs: list[tuple[str, Any]] = [
+        ("IPVS_DAEMON_ATTR_STATE", _DAEMON_STATES[d.state]),
+        ("IPVS_DAEMON_ATTR_MCAST_IFN", d.mcast_ifn),
+        ("IPVS_DAEMON_ATTR_SYNC_ID", d.syncid),
+    ]
+    if d.sync_maxlen:
+        pairs.append(("IPVS_DAEMON_ATTR_SYNC_MAXLEN", d.sync_maxlen))
+    if d.mcast_group is not None:
+        name = "GROUP6" if d.mcast_group.version == 6 else "GROUP"
+        pairs.append((f"IPVS_DAEMON_ATTR_MCAST_{name}", d.mcast_group.packed))
+    if d.mcast_port:
+        pairs.append(("IPVS_DAEMON_ATTR_MCAST_PORT", d.mcast_port))
+    if d.mcast_ttl:
+        pairs.append(("IPVS_DAEMON_ATTR_MCAST_TTL", d.mcast_ttl))
+    return _attrs(pairs)
+
+
 def daemon_from(nest: Any) -> SyncDaemon:
     """A :class:`SyncDaemon` from a decoded IPVS_CMD_ATTR_DAEMON."""
     state = nest.get_attr("IPVS_DAEMON_ATTR_STATE") or 0
@@ -802,6 +827,20 @@ class IPVS:
         v = reply.get_attr("IPVS_INFO_ATTR_VERSION") or 0
         return Info(version=f"{v >> 16}.{(v >> 8) & 0xFF}.{v & 0xFF}",
                     conn_tab_size=reply.get_attr("IPVS_INFO_ATTR_CONN_TAB_SIZE") or 0)
+
+    def start_daemon(self, d: SyncDaemon) -> None:
+        """Start a connection-sync daemon (``ipvsadm --start-daemon``)."""
+        self._call(IPVS_CMD_NEW_DAEMON, [("IPVS_CMD_ATTR_DAEMON", daemon_attrs(d))],
+                   what=f"starting the {d.state} sync daemon", errors={
+                       errno.EEXIST: (AlreadyExists,
+                                      f"a {d.state} sync daemon is already running")})
+
+    def stop_daemon(self, d: SyncDaemon) -> None:
+        """Stop the connection-sync daemon of ``d.state``."""
+        attrs = _attrs([("IPVS_DAEMON_ATTR_STATE", _DAEMON_STATES[d.state])])
+        self._call(IPVS_CMD_DEL_DAEMON, [("IPVS_CMD_ATTR_DAEMON", attrs)],
+                   what=f"stopping the {d.state} sync daemon", errors={
+                       errno.ESRCH: (NotFound, f"no {d.state} sync daemon is running")})
 
     def daemons(self) -> list[SyncDaemon]:
         """The running connection-sync daemons (master first)."""

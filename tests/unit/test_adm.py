@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from ipvs_synproxy import adm
+from ipvs_synproxy import adm, netlink
 from ipvs_synproxy.model import (
     Dest,
     Family,
@@ -26,6 +26,7 @@ from ipvs_synproxy.model import (
     Protocol,
     Service,
     Stats,
+    SyncDaemon,
     Timeouts,
     TunnelType,
 )
@@ -457,3 +458,36 @@ def test_sync_daemon_lines() -> None:
     assert out == ("master sync daemon (mcast=eth1, syncid=7, maxlen=1472, "
                    "group=224.0.0.81, port=8848, ttl=1)\n"
                    "backup sync daemon (mcast=eth0, syncid=255)\n")
+
+
+def test_start_daemon_options_become_a_sync_daemon() -> None:
+    cmd = adm.parse(["--start-daemon", "backup", "--mcast-interface", "eth1", "--syncid",
+                     "9", "--sync-maxlen", "1200", "--mcast-group", "ff02::81",
+                     "--mcast-port", "8849", "--mcast-ttl", "3"])
+    assert cmd.daemon == SyncDaemon("backup", "eth1", 9, 1200,
+                                    ipaddress.ip_address("ff02::81"), 8849, 3)
+    # ipvsadm's defaults: interface eth0 and sync id 0
+    assert adm.parse(["--stop-daemon", "master"]).daemon == SyncDaemon("master", "eth0", 0)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--syncid", "256"], "illegal syncid specified"),
+    (["--sync-maxlen", "65508"], "illegal sync-maxlen specified"),
+    (["--mcast-port", "0"], "illegal mcast-port specified"),
+    (["--mcast-ttl", "256"], "illegal mcast-ttl specified"),
+    (["--mcast-group", "192.0.2.1"], "invalid IPv4 mcast-group `192.0.2.1'"),
+    (["--mcast-group", "2001:db8::1"], "invalid IPv6 mcast-group `2001:db8::1'"),
+])
+def test_bad_daemon_options_are_named(argv: list[str], message: str) -> None:
+    with pytest.raises(adm.AdmUsageError) as exc:
+        adm.parse(["--start-daemon", "master", *argv])
+    assert exc.value.message == message
+
+
+def test_daemon_request_round_trips_through_the_wire_format() -> None:
+    d = SyncDaemon("master", "eth1", 7, 1200, ipaddress.ip_address("239.1.2.3"), 9000, 4)
+    msg = netlink.build_request(netlink.IPVS_CMD_NEW_DAEMON,
+                                [("IPVS_CMD_ATTR_DAEMON", netlink.daemon_attrs(d))])
+    msg.encode()
+    back = netlink.decode_reply(bytes(msg.data))
+    assert netlink.daemon_from(back.get_attr("IPVS_CMD_ATTR_DAEMON")) == d

@@ -315,7 +315,57 @@ def test_sync_daemon_listing_equals_ipvsadms(lb: None) -> None:
         assert theirs[1].startswith("master sync daemon (mcast=eth1, syncid=7")
     finally:
         ipvsadm("--stop-daemon", "master")
-    # starting and stopping stays ipvsadm's job: refused, nothing changed
-    rc, _, err = sp("--start-daemon", "backup", "--mcast-interface", "eth1")
-    assert rc == 2 and "use ipvsadm" in err
+    assert real("-L", "--daemon") == (0, "", "")
+
+
+DAEMON_STARTS = [
+    ["--start-daemon", "master", "--mcast-interface", "eth1", "--syncid", "7"],
+    ["--start-daemon", "backup", "--mcast-interface", "eth1"],
+    ["--start-daemon", "master", "--mcast-interface", "eth1", "--syncid", "3",
+     "--sync-maxlen", "1200", "--mcast-group", "239.1.2.3", "--mcast-port", "9000",
+     "--mcast-ttl", "4"],
+    ["--start-daemon", "backup", "--mcast-interface", "eth1", "--mcast-group", "ff02::81",
+     "--mcast-port", "8849"],
+]
+
+
+@pytest.mark.parametrize("start", DAEMON_STARTS)
+def test_sync_daemon_start_and_stop_like_ipvsadm(lb: None, start: list[str]) -> None:
+    state = start[1]
+    theirs: list[Result] = []
+    ours: list[Result] = []
+    for tool, out in ((real, theirs), (sp, ours)):
+        try:
+            out.append(tool(*start))
+            out.append(real("-L", "--daemon"))
+            out.append(tool(*start))  # already running
+            out.append(tool("--stop-daemon", state))
+            out.append(real("-L", "--daemon"))
+            out.append(tool("--stop-daemon", state))  # not running
+        finally:
+            real("--stop-daemon", state)
+    assert ours == theirs
+    assert theirs[0] == (0, "", "") and theirs[1][1].startswith(f"{state} sync daemon")
+    assert theirs[4] == (0, "", "")
+
+
+@pytest.mark.parametrize("argv", [
+    ["--start-daemon", "master", "--syncid", "256"],
+    ["--start-daemon", "master", "--sync-maxlen", "0"],
+    ["--start-daemon", "master", "--mcast-port", "70000"],
+    ["--start-daemon", "master", "--mcast-ttl", "0"],
+    ["--start-daemon", "master", "--mcast-group", "192.0.2.1"],
+    ["--start-daemon", "master", "--mcast-group", "2001:db8::1"],
+    ["--start-daemon", "master"],
+    ["--start-daemon", "master", "--mcast-interface", "nosuchdev0"],
+])
+def test_sync_daemon_bad_start_fails_like_ipvsadm(lb: None, argv: list[str]) -> None:
+    try:
+        theirs = real(*argv)
+        real("--stop-daemon", "master")
+        ours = sp(*argv)
+    finally:
+        real("--stop-daemon", "master")
+    assert ours[1:] == theirs[1:]
+    assert ours[0] == theirs[0] or (theirs[0] == 255 and ours[0] == 2)
     assert real("-L", "--daemon") == (0, "", "")
