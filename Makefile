@@ -9,7 +9,7 @@ RESULTS := build/test-results
 # Guest test run: a hard limit well under CI's budget.
 VM_TIMEOUT ?= 1500
 
-.PHONY: all venv check unit testbed-test vm-test test demo kmod clean
+.PHONY: all venv deps check unit testbed-test vm-test test demo kmod clean
 
 all: test
 
@@ -21,25 +21,30 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-kmod: venv
+# Debian packages (QEMU, the 6.1 kernel image/headers/source, busybox, ipvsadm,
+# tcpdump, cpio, chromium ...): installed with apt only when missing.
+deps: venv
+	$(PY) -m ipvs_synproxy.deps
+
+kmod: deps
 	$(SP) kmod build
 
 # Static checks: Python lint and types, and checkpatch over the kernel series.
-check: venv
+check: deps
 	$(VENV)/bin/ruff check ipvs_synproxy webui tests bench
 	$(VENV)/bin/mypy ipvs_synproxy webui
 	$(SP) kmod checkpatch
 
 # Fast host tests: no kernel involved.
-unit: venv
+unit: deps
 	$(PY) -m pytest -q tests/unit
 
 # The build pipeline and the testbed contract (builds modules, boots guests).
-testbed-test: venv
+testbed-test: deps
 	$(PY) -m pytest -q tests/testbed
 
 # End-to-end tests inside the guest against the real patched modules.
-vm-test: venv
+vm-test: deps
 	$(SP) kmod build-toa
 	mkdir -p $(RESULTS)
 	rm -f $(RESULTS)/vm.xml
@@ -50,7 +55,7 @@ vm-test: venv
 test: check unit testbed-test vm-test
 
 # The main job: clients served through FULLNAT VIPs in the guest, step by step.
-demo: venv
+demo: deps
 	$(SP) kmod build-toa
 	$(SP) vm exec --topology -- python -m ipvs_synproxy.testbed.demo
 

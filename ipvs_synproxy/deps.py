@@ -57,3 +57,26 @@ def ensure_debs(packages: list[str]) -> None:
     )
     if res.returncode != 0:
         raise DependencyError(f"apt-get install {' '.join(missing)} failed ({res.returncode})")
+
+
+def project_debs() -> list[str]:
+    """Every Debian package the build, the testbed and the tests use."""
+    from ipvs_synproxy import kmod
+    from ipvs_synproxy.testbed import vm
+
+    extra = ["cpio", "chromium", "chromium-driver"]
+    return sorted(set(kmod.BUILD_DEBS) | set(vm.GUEST_DEBS) | set(extra))
+
+
+def main() -> int:
+    """``python -m ipvs_synproxy.deps``: install what is missing (``make deps``)."""
+    try:
+        ensure_debs(project_debs())
+    except (DependencyError, subprocess.CalledProcessError) as exc:
+        print(f"ipvs-synproxy: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
