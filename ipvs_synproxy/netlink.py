@@ -28,7 +28,6 @@ import ipaddress
 import os
 import socket
 import struct
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -534,29 +533,15 @@ def decode_reply(data: bytes) -> IpvsMessage | IpvsInfoMessage:
 def _socket_in_netns(netns: str | None) -> socket.socket:
     """A generic-netlink socket created in ``netns`` (a socket keeps the
     namespace it was made in, whatever thread uses it later)."""
-    def make() -> socket.socket:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
-
     if netns is None:
-        return make()
-    from ipvs_synproxy.testbed.netns import netns as enter_netns
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
+    from ipvs_synproxy.testbed.netns import socket_in
 
-    box: list[socket.socket | BaseException] = []
-
-    def run() -> None:
-        try:
-            with enter_netns(netns):
-                box.append(make())
-        except BaseException as exc:  # re-raised in the caller's thread
-            box.append(exc)
-
-    t = threading.Thread(target=run, name=f"netns-{netns}")
-    t.start()
-    t.join()
-    if isinstance(box[0], BaseException):
+    try:
+        return socket_in(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
+    except OSError as exc:
         raise IpvsUnavailable(f"cannot open a netlink socket in netns {netns!r}: "
-                              f"{box[0]}") from box[0]
-    return box[0]
+                              f"{exc}") from exc
 
 
 class _Transport:

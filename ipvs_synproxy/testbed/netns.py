@@ -12,7 +12,9 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator, Sequence
 
 CLONE_NEWNET = 0x40000000
@@ -37,6 +39,27 @@ def netns(name: str) -> Iterator[None]:
             yield
         finally:
             _setns(orig.fileno())
+
+
+def socket_in(ns: str, family: int, kind: int, proto: int = 0) -> socket.socket:
+    """A socket created in namespace ``ns`` (it stays there, whichever thread uses
+    it later). Made in a short helper thread so the caller's namespace is never
+    touched."""
+    box: list[socket.socket | BaseException] = []
+
+    def make() -> None:
+        try:
+            with netns(ns):
+                box.append(socket.socket(family, kind, proto))
+        except BaseException as exc:  # re-raised in the caller's thread
+            box.append(exc)
+
+    t = threading.Thread(target=make, name=f"netns-{ns}")
+    t.start()
+    t.join()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
 
 
 def run(ns: str, argv: Sequence[str], check: bool = True,

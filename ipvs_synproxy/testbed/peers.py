@@ -13,27 +13,13 @@ import socketserver
 import threading
 from dataclasses import dataclass
 
-from ipvs_synproxy.testbed.netns import netns
+from ipvs_synproxy.testbed.netns import socket_in
 
 
 def ns_socket(ns: str, family: socket.AddressFamily,
               kind: socket.SocketKind = socket.SOCK_STREAM) -> socket.socket:
     """A socket that lives in namespace ``ns``."""
-    box: list[socket.socket | BaseException] = []
-
-    def make() -> None:
-        try:
-            with netns(ns):
-                box.append(socket.socket(family, kind))
-        except BaseException as exc:  # re-raised in the caller's thread
-            box.append(exc)
-
-    t = threading.Thread(target=make)
-    t.start()
-    t.join()
-    if isinstance(box[0], BaseException):
-        raise box[0]
-    return box[0]
+    return socket_in(ns, family, kind)
 
 
 def family_of(addr: str) -> socket.AddressFamily:
