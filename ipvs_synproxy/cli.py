@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ipvs_synproxy import adm, cli_config, deps, kmod, paths
+from ipvs_synproxy import adm, cli_config, cli_keepalived, deps, kmod, paths
 from webui import cli as webui_cli
 
 EXIT_USAGE = 2
@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_vm_exec)
 
     cli_config.register(sub)  # diff, apply, stats, sysctl
+    cli_keepalived.register(sub)  # keepalived render, build
     webui_cli.register(sub)  # the web console
     # ``adm`` takes ipvsadm's own command line: main() hands it over unparsed.
     sub.add_parser("adm", add_help=False,

@@ -24,7 +24,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from typing import Protocol as Interface
 
 import yaml
@@ -50,6 +50,9 @@ from ipvs_synproxy.model import (
     parse_int,
     parse_protocol,
 )
+
+if TYPE_CHECKING:
+    from ipvs_synproxy.keepalived_config import KeepalivedSettings
 
 SECRET_LEN = 16
 
@@ -156,12 +159,14 @@ class Config:
     secret_file: str | None = None
     # where things came from, for messages: service key -> "file:line"
     origins: Mapping[Any, str] = field(default_factory=dict, compare=False)
+    # the ``keepalived`` section and health checks (keepalived_config.read)
+    keepalived: KeepalivedSettings | None = field(default=None, compare=False)
 
 
-TOP_KEYS = ("services", "sysctl", "cookie_secret_file")
+TOP_KEYS = ("services", "sysctl", "cookie_secret_file", "keepalived")
 SERVICE_KEYS = ("vip", "fwmark", "family", "protocol", "scheduler", "persistent", "netmask",
                 "persistence_engine", "one_packet", "scheduler_flags", "synproxy", "forward",
-                "laddrs", "real_servers")
+                "laddrs", "real_servers", "healthcheck")
 DEST_KEYS = ("addr", "weight", "forward", "upper_threshold", "lower_threshold",
              "tunnel_type", "tunnel_port")
 SCHED_FLAGS = {"sh-fallback": IP_VS_SVC_F_SCHED1, "mh-fallback": IP_VS_SVC_F_SCHED1,
@@ -486,7 +491,11 @@ def loads(text: str, filename: str = "<config>", *, require_root_owner: bool = T
                                   f"{origins[key]})")
             origins[key] = where
             services.append(st)
-    return Config(filename, State(tuple(services), sysctls), secret, secret_file, origins)
+    from ipvs_synproxy import keepalived_config  # it builds on this module's reader
+
+    keepalived = keepalived_config.read(r, top, services)
+    return Config(filename, State(tuple(services), sysctls), secret, secret_file, origins,
+                  keepalived)
 
 
 def load(path: str, *, require_root_owner: bool = True) -> Config:

@@ -61,11 +61,12 @@ def ensure_debs(packages: list[str]) -> None:
 
 def project_debs() -> list[str]:
     """Every Debian package the build, the testbed and the tests use."""
-    from ipvs_synproxy import kmod
+    from ipvs_synproxy import keepalived_build, kmod
     from ipvs_synproxy.testbed import vm
 
     extra = ["cpio", "chromium", "chromium-driver"]
-    return sorted(set(kmod.BUILD_DEBS) | set(vm.GUEST_DEBS) | set(extra))
+    return sorted(set(kmod.BUILD_DEBS) | set(vm.GUEST_DEBS) | set(keepalived_build.BUILD_DEBS)
+                  | set(extra))
 
 
 def main() -> int:

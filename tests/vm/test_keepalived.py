@@ -1,0 +1,338 @@
+"""The patched keepalived against the patched kernel, in the testbed guest.
+
+keepalived 2.2.7 with keepalived/patches is built on the host beforehand
+(``ipvs-synproxy keepalived build``; ``make vm-test`` does it) and run here in
+the balancer namespaces with configs rendered by ``ipvs-synproxy keepalived
+render``'s code: it must program FULLNAT + SYN-proxy services and their
+laddrs, follow the real servers' health, and move the VIP to a second
+balancer when the first one goes away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ipvs_synproxy import config, keepalived, keepalived_build
+from ipvs_synproxy.model import FwdMethod, Service
+from ipvs_synproxy.netlink import IPVS
+from ipvs_synproxy.testbed import netns, peers, topology
+
+VIP = topology.VIP4
+VIP6 = topology.VIP6
+RS1, RS2 = topology.RS4["rs1"], topology.RS4["rs2"]
+LADDRS = ("192.0.2.100", "192.0.2.101")
+# The second balancer: its own addresses inside the testbed's prefixes.
+LB2_CLIENT, LB2_SERVER = "198.51.100.3", "192.0.2.3"
+LB2_LADDRS = ("192.0.2.110", "192.0.2.111")
+CHECK = "{type: tcp, interval: 1, timeout: 1, retry: 1, delay_before_retry: 1}"
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 30.0, step: float = 0.3) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return cond()
+
+
+def render(tmp: Path, text: str) -> str:
+    src = tmp / "ipvs.yaml"
+    src.write_text(text)
+    return keepalived.render(config.load(str(src)))
+
+
+class Keepalived:
+    """One patched keepalived in a namespace: foreground, logging to a file,
+    with pid files of its own so that several can run side by side."""
+
+    def __init__(self, ns: str, conf_text: str, workdir: Path) -> None:
+        binary = keepalived_build.binary_path()
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.ns = ns
+        self.conf = workdir / "keepalived.conf"
+        self.conf.write_text(conf_text)
+        self.log_path = workdir / "keepalived.log"
+        argv = [str(binary), "--dont-fork", "--log-console", "--log-detail",
+                "-f", str(self.conf), "-p", str(workdir / "keepalived.pid"),
+                "-r", str(workdir / "vrrp.pid"), "-c", str(workdir / "checkers.pid")]
+        with netns.netns(ns):  # where its interfaces are
+            check = keepalived_build.config_test(binary, self.conf)
+        assert check.returncode == 0, f"config test failed:\n{check.stdout}{check.stderr}"
+        with open(self.log_path, "w") as log, netns.netns(ns):
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (keepalived gives up the VIP and removes its services), then
+        SIGKILL for its whole process group if it does not finish in time."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        with contextlib.suppress(ProcessLookupError):  # the children share the group
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def binary() -> Path:
+    path = keepalived_build.binary_path()
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `ipvs-synproxy keepalived build` on the host "
+                    "first (make vm-test does)")
+    return path
+
+
+@pytest.fixture
+def daemons(binary: Path, lb: None, tmp_path: Path) -> Iterator[list[Keepalived]]:
+    """Keepalived instances a test starts; all stopped afterwards."""
+    started: list[Keepalived] = []
+    yield started
+    for k in started:
+        k.stop()
+
+
+@pytest.fixture
+def servers(topo: None) -> Iterator[dict[str, peers.HttpServer]]:
+    """HTTP responders on port 80 in rs1 and rs2 (IPv4); a test may replace them."""
+    srv = {rs: peers.start_http_server(rs, topology.RS4[rs], 80) for rs in ("rs1", "rs2")}
+    srv6 = [peers.start_http_server(rs, topology.RS6[rs], 80) for rs in ("rs1", "rs2")]
+    yield srv
+    for s in [*srv.values(), *srv6]:
+        s.close()
+
+
+def lb_table(ns: str = "lb") -> dict[str, tuple[Service, list[tuple[str, int, FwdMethod]],
+                                                set[str]]]:
+    """The namespace's IPVS table: "vip:port" -> (service, real servers, laddrs)."""
+    out = {}
+    with IPVS(netns=ns) as ipvs:
+        for svc in ipvs.services():
+            dests = sorted((str(d.addr), d.weight, d.fwd) for d in ipvs.dests(svc))
+            laddrs = {str(la.addr) for la in ipvs.laddrs(svc)}
+            out[f"{svc.addr}:{svc.port}"] = (svc, dests, laddrs)
+    return out
+
+
+def served_by(n: int = 6) -> dict[str, set[str]]:
+    """Who answered n requests to the VIP, and which peers they saw."""
+    seen: dict[str, set[str]] = {}
+    for _ in range(n):
+        r = peers.http_get(VIP, 80)
+        seen.setdefault(r.server, set()).add(r.peer)
+    return seen
+
+
+def has_addr(ns: str, addr: str) -> bool:
+    res = netns.run(ns, ["ip", "-o", "addr", "show", "to", addr])
+    return bool(res.stdout.strip())
+
+
+CONFIG = f"""
+keepalived:
+  router_id: lb
+  healthcheck: {CHECK}
+services:
+  - vip: {VIP}:80
+    scheduler: rr
+    synproxy: true
+    forward: fullnat
+    laddrs: [{", ".join(LADDRS)}]
+    real_servers: [{{addr: {RS1}}}, {{addr: {RS2}}}]
+  - vip: "[{VIP6}]:80"
+    scheduler: wrr
+    synproxy: true
+    forward: fullnat
+    laddrs: ["{topology.LADDRS6[0]}"]
+    real_servers:
+      - {{addr: "[{topology.RS6['rs1']}]:80", weight: 2}}
+"""
+
+
+def test_keepalived_programs_fullnat_synproxy_services_and_laddrs(
+        daemons: list[Keepalived], servers: dict[str, peers.HttpServer],
+        tmp_path: Path) -> None:
+    ka = Keepalived("lb", render(tmp_path, CONFIG), tmp_path / "lb")
+    daemons.append(ka)
+
+    def programmed() -> bool:
+        t = lb_table()
+        return (f"{VIP}:80" in t and len(t[f"{VIP}:80"][1]) == 2
+                and len(t[f"{VIP}:80"][2]) == 2 and f"{VIP6}:80" in t)
+
+    assert wait_for(programmed), f"table: {lb_table()}\nlog:\n{ka.log()}"
+    t = lb_table()
+    svc, dests, laddrs = t[f"{VIP}:80"]
+    assert svc.synproxy and svc.scheduler == "rr"
+    assert dests == [(RS1, 1, FwdMethod.FULLNAT), (RS2, 1, FwdMethod.FULLNAT)]
+    assert laddrs == set(LADDRS)
+    svc6, dests6, laddrs6 = t[f"{VIP6}:80"]
+    assert svc6.synproxy
+    assert dests6 == [(topology.RS6["rs1"], 2, FwdMethod.FULLNAT)]
+    assert laddrs6 == {topology.LADDRS6[0]}
+
+    seen = served_by(4)
+    assert set(seen) == {"rs1", "rs2"}, seen
+    assert set().union(*seen.values()) <= set(LADDRS), seen  # FULLNAT: they see laddrs
+    assert peers.http_get(VIP6, 80).server == "rs1"
+    assert "failed" not in ka.log() and "IPVS cmd" not in ka.log(), ka.log()
+
+    # A reload (SIGHUP) with another pool and without the SYN proxy edits in place.
+    other = CONFIG.replace(f"laddrs: [{', '.join(LADDRS)}]", "laddrs: [192.0.2.101, 192.0.2.102]")
+    other = other.replace("synproxy: true", "synproxy: false", 1)
+    ka.conf.write_text(render(tmp_path, other))
+    ka.proc.send_signal(signal.SIGHUP)
+
+    def reloaded() -> bool:
+        t = lb_table()
+        return (f"{VIP}:80" in t and t[f"{VIP}:80"][2] == {"192.0.2.101", "192.0.2.102"}
+                and not t[f"{VIP}:80"][0].synproxy)
+
+    assert wait_for(reloaded), f"table: {lb_table()}\nlog:\n{ka.log()}"
+    assert lb_table()[f"{VIP6}:80"][0].synproxy
+    assert set().union(*served_by(4).values()) <= {"192.0.2.101", "192.0.2.102"}
+
+    # Stopping keepalived removes what it programmed.
+    ka.stop()
+    assert lb_table() == {}
+
+
+def test_failed_real_server_leaves_and_comes_back(
+        daemons: list[Keepalived], servers: dict[str, peers.HttpServer],
+        tmp_path: Path) -> None:
+    conf = CONFIG.replace(CHECK, "{type: http, path: /health, interval: 1, timeout: 1, "
+                                 "retry: 1, delay_before_retry: 1}")
+    ka = Keepalived("lb", render(tmp_path, conf), tmp_path / "lb")
+    daemons.append(ka)
+
+    def rs_of_vip() -> set[str]:
+        t = lb_table()
+        return {d[0] for d in t[f"{VIP}:80"][1]} if f"{VIP}:80" in t else set()
+
+    assert wait_for(lambda: rs_of_vip() == {RS1, RS2}), ka.log()
+    servers["rs2"].close()
+    t0 = time.monotonic()
+    # interval 1 + timeout 1, one retry after 1 s: gone within a few seconds
+    assert wait_for(lambda: rs_of_vip() == {RS1}, timeout=20), ka.log()
+    removed_after = time.monotonic() - t0
+    assert set(served_by(4)) == {"rs1"}
+
+    servers["rs2"] = peers.start_http_server("rs2", RS2, 80)
+    assert wait_for(lambda: rs_of_vip() == {RS1, RS2}, timeout=20), ka.log()
+    assert set(served_by(4)) == {"rs1", "rs2"}
+    assert removed_after < 15, f"rs2 removed only after {removed_after:.1f} s"
+
+
+# ---- two balancers with VRRP ------------------------------------------------------------------
+
+
+@pytest.fixture
+def lb2(topo: None) -> Iterator[str]:
+    """A second balancer namespace on the same two segments, removed afterwards."""
+    name = "lb2"
+    netns.run("lb", ["true"])  # the topology is up
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv4.conf.all.rp_filter", 0),
+                           ("net.ipv4.conf.default.rp_filter", 0)):
+            netns.write_sysctl(name, key, value)
+        for dev, bridge in (("eth0", topology.CLIENT_BRIDGE), ("eth1", topology.SERVER_BRIDGE)):
+            peer = f"{name}-{dev}"
+            subprocess.run(["ip", "link", "add", peer, "type", "veth", "peer", "name", dev,
+                            "netns", name], check=True)
+            subprocess.run(["ip", "link", "set", peer, "master", bridge, "up"], check=True)
+        lines = ["link set lo up", f"addr add {LB2_CLIENT}/24 dev eth0",
+                 f"addr add {LB2_SERVER}/24 dev eth1",
+                 *(f"addr add {a}/32 dev eth1" for a in LB2_LADDRS),
+                 "link set eth0 up", "link set eth1 up"]
+        subprocess.run(["ip", "-n", name, "-batch", "-"], input="\n".join(lines) + "\n",
+                       text=True, check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+        for dev in ("eth0", "eth1"):  # gone with the namespace; just in case
+            subprocess.run(["ip", "link", "del", f"{name}-{dev}"], capture_output=True,
+                           check=False)
+
+
+@pytest.fixture
+def vip_by_vrrp(topo: None) -> Iterator[None]:
+    """lb without its static VIP, so that VRRP decides who holds it."""
+    netns.run("lb", ["ip", "addr", "del", f"{VIP}/32", "dev", "eth0"])
+    yield
+    netns.run("lb", ["ip", "addr", "replace", f"{VIP}/32", "dev", "eth0"])
+    # The client learnt lb2's MAC for the VIP from VRRP's gratuitous ARP.
+    netns.run("client", ["ip", "neigh", "flush", "to", VIP])
+
+
+def balancer_config(router_id: str, state: str, priority: int,
+                    laddrs: tuple[str, ...]) -> str:
+    return f"""
+keepalived:
+  router_id: {router_id}
+  healthcheck: {CHECK}
+  vrrp:
+    - name: VI_CLIENT
+      interface: eth0
+      state: {state}
+      virtual_router_id: 51
+      priority: {priority}
+      advert_int: 1
+      vips: [{VIP}/32]
+services:
+  - vip: {VIP}:80
+    scheduler: rr
+    synproxy: true
+    forward: fullnat
+    laddrs: [{", ".join(laddrs)}]
+    real_servers: [{{addr: {RS1}}}, {{addr: {RS2}}}]
+"""
+
+
+def test_vip_moves_to_the_backup_when_the_master_dies(
+        lb2: str, vip_by_vrrp: None, servers: dict[str, peers.HttpServer],
+        daemons: list[Keepalived], tmp_path: Path) -> None:
+    # (fixtures in this order: the daemons stop before lb2 and the VIP are undone)
+    master = Keepalived("lb", render(tmp_path, balancer_config("lb", "master", 150, LADDRS)),
+                        tmp_path / "lb")
+    daemons.append(master)
+    backup = Keepalived(lb2, render(tmp_path, balancer_config("lb2", "backup", 100,
+                                                              LB2_LADDRS)),
+                        tmp_path / "lb2")
+    daemons.append(backup)
+
+    assert wait_for(lambda: has_addr("lb", VIP)), master.log()
+    assert wait_for(lambda: f"{VIP}:80" in lb_table(lb2)
+                    and lb_table(lb2)[f"{VIP}:80"][2] == set(LB2_LADDRS)), backup.log()
+    time.sleep(3)  # a few adverts: the backup stays backup
+    assert not has_addr(lb2, VIP), backup.log()
+    assert set().union(*served_by(4).values()) <= set(LADDRS)
+
+    master.stop()
+    assert not has_addr("lb", VIP)
+    assert wait_for(lambda: has_addr(lb2, VIP), timeout=20), backup.log()
+    svc = lb_table(lb2)[f"{VIP}:80"][0]
+    assert svc.synproxy
+
+    # New connections go through lb2's FULLNAT service (its laddrs reach the RSs).
+    def through_lb2() -> bool:
+        try:
+            seen = served_by(4)
+        except OSError:
+            return False
+        return set().union(*seen.values()) <= set(LB2_LADDRS) and set(seen) == {"rs1",
+                                                                                  "rs2"}
+
+    assert wait_for(through_lb2, timeout=20), backup.log()
