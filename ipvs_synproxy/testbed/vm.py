@@ -27,7 +27,9 @@ from ipvs_synproxy import deps, kmod, paths
 from ipvs_synproxy.testbed.initramfs import build_initramfs
 
 GUEST_DEBS = ["qemu-system-x86", "busybox-static", "ipvsadm", "iproute2", "kmod",
-              "procps", "tcpdump"]
+              "procps", "tcpdump",
+              "netsniff-ng",  # trafgen: testbed.flood
+              "nftables"]     # counters and drops in the namespaces (flood, demo)
 GUEST_INIT = Path(__file__).with_name("guest_init.sh")
 
 # Lines of a kernel log that mean the kernel itself went wrong.
@@ -69,7 +71,20 @@ class VmResult:
     job_dir: Path
 
 
-def _env_file(opts: VmOptions, moddir: Path | None) -> str:
+# A file the host creates in the job directory (on the read-write build share)
+# when ``vm exec`` is interrupted: long-running guest commands (the demo) poll
+# for it and wind down cleanly. Its path reaches the guest as IPVS_SP_STOP_FILE.
+STOP_FILE = "stop"
+STOP_GRACE = 60.0  # seconds the guest gets to finish after an interrupt
+
+
+def stop_requested() -> bool:
+    """In the guest: has the host asked the command to stop (Ctrl-C on ``vm exec``)?"""
+    path = os.environ.get("IPVS_SP_STOP_FILE")
+    return path is not None and os.path.exists(path)
+
+
+def _env_file(opts: VmOptions, moddir: Path | None, job: Path | None = None) -> str:
     venv_bin = str(Path(sys.executable).parent)
     host_path = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     env = {
@@ -85,6 +100,8 @@ def _env_file(opts: VmOptions, moddir: Path | None) -> str:
         "IPVS_SP_TOPOLOGY": "1" if opts.topology else "0",
         "PYTHONUNBUFFERED": "1",
     }
+    if job is not None:
+        env["IPVS_SP_STOP_FILE"] = str(job / STOP_FILE)
     for k, v in os.environ.items():
         if k.startswith("IPVS_SYNPROXY_") or k in ("CI", "VIRTUAL_ENV", "PYTEST_ADDOPTS"):
             env[k] = v
@@ -177,7 +194,7 @@ def run(cmd: list[str], opts: VmOptions) -> VmResult:
     jobs = paths.build_dir() / "vm" / "jobs"
     jobs.mkdir(parents=True, exist_ok=True)
     job = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=jobs))
-    (job / "env").write_text(_env_file(opts, moddir))
+    (job / "env").write_text(_env_file(opts, moddir, job))
     (job / "cmd").write_text("exec " + shlex.join(cmd) + "\n")
     for f in ("stdout", "stderr"):
         (job / f).touch()
@@ -187,19 +204,33 @@ def run(cmd: list[str], opts: VmOptions) -> VmResult:
     progress = _Tail(job / "progress", sys.stderr) if opts.verbose else None
     deadline = time.monotonic() + opts.timeout
     with open(job / "qemu.log", "wb") as qlog:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog)
+        # Its own session: a Ctrl-C at the terminal reaches this process only, which
+        # asks the guest's command to stop (STOP_FILE) instead of killing QEMU.
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog,
+                                start_new_session=True)
         timed_out = False
+        interrupted = False
         try:
             while proc.poll() is None:
-                for t in tails:
-                    t.pump()
-                if progress:
-                    progress.pump()
-                if time.monotonic() > deadline:
-                    timed_out = True
-                    proc.kill()
-                    break
-                time.sleep(0.2)
+                try:
+                    for t in tails:
+                        t.pump()
+                    if progress:
+                        progress.pump()
+                    if time.monotonic() > deadline:
+                        timed_out = True
+                        proc.kill()
+                        break
+                    time.sleep(0.2)
+                except KeyboardInterrupt:
+                    if interrupted:
+                        raise
+                    interrupted = True
+                    (job / STOP_FILE).touch()
+                    deadline = min(deadline, time.monotonic() + STOP_GRACE)
+                    print(f"vm: interrupted: asking the guest command to stop (up to "
+                          f"{STOP_GRACE:.0f} s; interrupt again to kill the guest)",
+                          file=sys.stderr, flush=True)
         finally:
             if proc.poll() is None:
                 proc.kill()

@@ -24,26 +24,9 @@ import urllib.request
 from ipvs_synproxy.model import Dest, FwdMethod, Service
 from ipvs_synproxy.netlink import IPVS, IPVS_CMD_NEW_LADDR
 from ipvs_synproxy.testbed import netns, peers, topology
+from ipvs_synproxy.testbed.guestnic import nic_up
 
-SLIRP_GUEST = "10.0.2.15/24"  # QEMU user networking's guest address (restrict=on)
 IP = ipaddress.ip_address
-
-
-def nic_up() -> None:
-    """Bring up the forwarded virtio NIC (the guest init loads no NIC driver)."""
-    subprocess.run(["modprobe", "virtio_net"], check=True)
-    deadline = time.monotonic() + 30
-    while True:
-        # the NIC is the interface backed by a device, unlike the topology's veths
-        names = [n for n in sorted(os.listdir("/sys/class/net"))
-                 if os.path.exists(f"/sys/class/net/{n}/device")]
-        if names:
-            break
-        if time.monotonic() > deadline:
-            raise SystemExit("no forwarded NIC in the guest (vm exec --forward PORT?)")
-        time.sleep(0.2)
-    subprocess.run(["ip", "link", "set", names[0], "up"], check=True)
-    subprocess.run(["ip", "addr", "add", SLIRP_GUEST, "dev", names[0]], check=True)
 
 
 def services() -> None:
@@ -76,7 +59,10 @@ def traffic(stop: threading.Event) -> None:
 
 def main(argv: list[str]) -> int:
     config, stopfile, port = argv[0], argv[1], int(argv[2])
-    nic_up()
+    try:
+        nic_up()
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
     services()
     servers = [peers.start_http_server(rs, addr, 80) for rs in ("rs1", "rs2")
                for addr in (topology.RS4[rs], topology.RS6[rs])]

@@ -101,3 +101,27 @@ def test_junit_rejects_failures_and_skips() -> None:
     assert junit.summarize(failed).failed == ["::u"]
     assert not junit.summarize(failed).ok
     assert not junit.summarize(skipped).ok
+
+
+def test_guest_learns_where_the_hosts_stop_file_is(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    env = vm._env_file(vm.VmOptions(), None, tmp_path)
+    assert f"export IPVS_SP_STOP_FILE={tmp_path / vm.STOP_FILE}\n" in env
+    monkeypatch.setenv("IPVS_SP_STOP_FILE", str(tmp_path / vm.STOP_FILE))
+    assert not vm.stop_requested()
+    (tmp_path / vm.STOP_FILE).touch()
+    assert vm.stop_requested()
+    monkeypatch.delenv("IPVS_SP_STOP_FILE")
+    assert not vm.stop_requested()
+
+
+def test_qemu_forwards_only_the_asked_ports_to_loopback(tmp_path: Path) -> None:
+    from ipvs_synproxy import kmod
+
+    kernel = kmod.Kernel("6.1.0-0-amd64")
+    argv = vm.qemu_command(kernel, tmp_path / "initrd", tmp_path,
+                           vm.VmOptions(forward_ports=(8088,)))
+    nic = argv[argv.index("-nic") + 1]
+    assert nic.startswith("user,restrict=on,") and "hostfwd=tcp:127.0.0.1:8088-:8088" in nic
+    argv = vm.qemu_command(kernel, tmp_path / "initrd", tmp_path, vm.VmOptions())
+    assert argv[argv.index("-nic") + 1] == "none"
