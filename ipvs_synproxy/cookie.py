@@ -27,10 +27,12 @@ cookie secret read as two little-endian 64-bit words (the kernel's
 
 Masking the options with hash bits keeps them from being readable off the
 wire; the 24 integrity bits are what an attacker has to guess (1 in 2**24 per
-forged ACK). There is no time counter: the secret rotates every
-``synproxy_secret_period`` seconds and the previous secret is still accepted,
-so a cookie lives between one and two periods. Balancers that share the secret
-(set over netlink) validate each other's cookies.
+forged ACK). There is no time counter in the cookie: the key changes every
+``synproxy_secret_period`` seconds and the previous key is still accepted, so
+a cookie lives between one and two periods. The key of epoch
+``e = unix_time // period`` is derived from the secret (see :func:`epoch_key`),
+so balancers that share the secret (set over netlink) and keep their clocks in
+step validate each other's cookies.
 """
 
 from __future__ import annotations
@@ -115,6 +117,19 @@ class SynOptions:
         ws = (byte >> 2) & 0xF
         return cls(mss=MSS_TABLE[byte & 0x3], wscale=None if ws == WSCALE_NONE else ws,
                    sack=bool(byte & 0x40), ecn=bool(byte & 0x80))
+
+
+def epoch_key(secret: bytes, epoch: int) -> bytes:
+    """The cookie key of one epoch: two SipHash words of (epoch, 0) and (epoch, 1)
+    under the secret, as the kernel's ``siphash_2u64(epoch, i, secret)``."""
+    words = (siphash24(secret, struct.pack("<QQ", epoch & _M64, i)) for i in (0, 1))
+    return struct.pack("<QQ", *words)
+
+
+def current_keys(secret: bytes, period: int, now: float) -> list[bytes]:
+    """The keys a balancer accepts at ``now``: this epoch's, then the previous one's."""
+    epoch = int(now) // period
+    return [epoch_key(secret, epoch), epoch_key(secret, epoch - 1)]
 
 
 def mss_index(mss: int) -> int:

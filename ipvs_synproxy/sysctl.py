@@ -73,6 +73,7 @@ def _b(name: str, default: int, meaning: str, origin: str = "stock") -> Knob:
 
 
 _FNAT = "ipvs-synproxy (FULLNAT)"
+_SP = "ipvs-synproxy (SYN proxy)"
 
 KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("amemthresh", "1024", "available-memory threshold (pages) below which the "
@@ -139,6 +140,39 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
          "first ACK/data", _FNAT, lo=0, hi=1),
     Knob("fullnat_mss_adjust", "1", "lower the MSS of real servers' SYN/ACKs by the TOA "
          "size", _FNAT, lo=0, hi=1),
+    Knob("synproxy_mss", "1452", "MSS the SYN proxy announces to IPv4 clients (IPv6: 32 "
+         "less)", _SP, lo=88, hi=65535),
+    Knob("synproxy_wscale", "7", "window scale the SYN proxy announces (to clients that "
+         "sent one)", _SP, lo=0, hi=14),
+    Knob("synproxy_sack", "1", "offer SACK to clients that asked for it", _SP, lo=0, hi=1),
+    Knob("synproxy_timestamp", "1", "answer timestamps of clients that sent them", _SP,
+         lo=0, hi=1),
+    Knob("synproxy_secret_period", "64", "seconds a cookie key lives (the previous one is "
+         "accepted too)", _SP, lo=1, hi=86400),
+    Knob("synproxy_hold_packets", "16", "client packets held per connection while the "
+         "real server handshake runs", _SP, lo=0, hi=1024),
+    Knob("synproxy_hold_bytes", "65536", "bytes held per connection while the real server "
+         "handshake runs", _SP, lo=0, hi=2**31 - 1),
+    _b("synproxy_reuse", 1, "master switch of session reuse (a new cookie ACK replaces a "
+       "closing connection)", _SP),
+    _b("synproxy_reuse_close", 1, "session reuse from CLOSE", _SP),
+    _b("synproxy_reuse_time_wait", 1, "session reuse from TIME_WAIT", _SP),
+    _b("synproxy_reuse_fin_wait", 1, "session reuse from FIN_WAIT", _SP),
+    _b("synproxy_reuse_close_wait", 1, "session reuse from CLOSE_WAIT", _SP),
+    _b("synproxy_reuse_last_ack", 1, "session reuse from LAST_ACK", _SP),
+    Knob("synproxy_syn_retries", "3", "SYNs resent to a silent real server before the "
+         "client is reset", _SP, lo=0, hi=10),
+    Knob("synproxy_syn_retry_ms", "1000", "first SYN retransmission delay (doubles each "
+         "time)", _SP, lo=100, hi=60000),
+    _b("synproxy_defer", 0, "open the real server side only when the client's ACK "
+       "carries data", _SP),
+    Knob("synproxy_ack_storm", "10", "identical pure ACKs passed before the repeats are "
+         "dropped (0 off)", _SP, lo=0, hi=255),
+    _b("synproxy_drop_stray", 1, "drop RST/FIN/other non-SYN packets that match no "
+       "connection of a SYN proxy service", _SP),
+    _b("synproxy_drop_udp", 0, "drop UDP to a VIP:port that only has a SYN proxy TCP "
+       "service", _SP),
+    _b("synproxy_drop_frag", 0, "drop fragmented TCP to SYN proxy services", _SP),
 )}
 
 

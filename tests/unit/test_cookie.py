@@ -84,3 +84,12 @@ def test_wrapping_sequence_numbers() -> None:
 def test_mixed_families_are_rejected() -> None:
     with pytest.raises(ValueError, match="families"):
         cookie.make_cookie(KEY, "198.51.100.2", "2001:db8:1::10", 1, 2, 3, SynOptions())
+
+
+def test_epoch_keys_differ_per_epoch_and_secret() -> None:
+    s1, s2 = bytes(range(16)), bytes(range(1, 17))
+    k = cookie.epoch_key(s1, 100)
+    assert len(k) == 16
+    assert k != cookie.epoch_key(s1, 101)
+    assert k != cookie.epoch_key(s2, 100)
+    assert cookie.current_keys(s1, 64, 64 * 100 + 5.5) == [k, cookie.epoch_key(s1, 99)]
