@@ -408,16 +408,36 @@ def ns_sysctls(namespaces: tuple[str, ...], **values: str) -> Iterator[None]:
             netns.write_sysctl(ns, f"net.ipv4.{k}", v)
 
 
+@contextmanager
+def core_rmem_max(value: int | None) -> Iterator[None]:
+    """net.core.rmem_max is global (not per netns); Linux picks its window
+    scale from the larger of it and tcp_rmem's maximum."""
+    if value is None:
+        yield
+        return
+    old = netns.read_sysctl(None, "net.core.rmem_max")
+    netns.write_sysctl(None, "net.core.rmem_max", value)
+    try:
+        yield
+    finally:
+        netns.write_sysctl(None, "net.core.rmem_max", old)
+
+
 @dataclass(frozen=True)
 class Scenario:
     client: dict[str, str]
     rs: dict[str, str]
     lb: dict[str, int]
+    rmem_max: int | None = None
 
 
 NO_SCALING = {"tcp_window_scaling": "0"}
+WSCALE_0 = {"tcp_rmem": "4096 65535 65535"}
 WSCALE_14 = {"tcp_rmem": "4096 131072 1073741824"}
 SCENARIOS = {
+    "defaults": Scenario({}, {}, {}),
+    "client-wscale-0": Scenario(WSCALE_0, {}, {}, rmem_max=65535),
+    "rs-wscale-0": Scenario({}, WSCALE_0, {}, rmem_max=65535),
     "client-ts-off": Scenario({"tcp_timestamps": "0"}, {}, {}),
     "lb-ts-off": Scenario({}, {}, {"synproxy_timestamp": 0}),
     "client-wscale-none": Scenario(NO_SCALING, {}, {}),
@@ -438,7 +458,7 @@ def test_transfers_arrive_intact(ipvs: IPVS, blob_servers: None, method: str,  #
     synproxy_service(ipvs, net, METHODS[method], port=8080)
     before = ext_stats_file()
     with ns_sysctls(("client",), **sc.client), ns_sysctls(("rs1", "rs2"), **sc.rs), \
-            lb_sysctls(**sc.lb):
+            lb_sysctls(**sc.lb), core_rmem_max(sc.rmem_max):
         for direction in ("download", "upload"):
             transfer(net, 8080, direction)
     after = ext_stats_file()
