@@ -535,7 +535,7 @@ def _socket_in_netns(netns: str | None) -> socket.socket:
     namespace it was made in, whatever thread uses it later)."""
     if netns is None:
         return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
-    from ipvs_synproxy.testbed.netns import socket_in
+    from ipvs_synproxy.netns import socket_in
 
     try:
         return socket_in(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)

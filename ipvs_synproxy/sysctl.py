@@ -242,7 +242,7 @@ class Sysctls:
         if self.netns is None:
             yield
             return
-        from ipvs_synproxy.testbed.netns import netns as enter_netns
+        from ipvs_synproxy.netns import netns as enter_netns
 
         with enter_netns(self.netns):
             yield

@@ -232,7 +232,7 @@ def parse_proc_stats(text: str) -> dict[str, int]:
 def read_proc_stats(netns: str | None) -> dict[str, int] | None:
     ctx: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if netns is not None:
-        from ipvs_synproxy.testbed.netns import netns as enter_netns
+        from ipvs_synproxy.netns import netns as enter_netns
 
         ctx = enter_netns(netns)
     try:
