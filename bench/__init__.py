@@ -1,0 +1,1 @@
+"""Benchmarks: SYN-flood absorption and legitimate traffic, contender by contender (issue 9)."""

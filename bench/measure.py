@@ -1,0 +1,162 @@
+"""One measurement each: a flood's rate and cost, connections, a transfer.
+
+Everything runs in the guest against the standard topology. The balancer's CPU
+budget is the whole guest (2 vCPUs): lb, the client and the real servers are
+namespaces of one kernel, and veth delivers a frame in the sender's context, so
+a flood's receive path on lb runs on the generator's vCPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import asdict
+from typing import Any
+
+from bench.contenders import CONN_PORT, NF, OURS, RS_NAMES, STOCK, XFER_PORT, Contender
+from ipvs_synproxy.testbed import netns, topology
+from ipvs_synproxy.testbed.flood import Flood
+from ipvs_synproxy.testbed.transfer import MB, ConnTiming, connect_once, transfer
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# vCPU placement (bench.run pins itself, and so the servers' process, to LEGIT_CPU):
+# the flood generator runs on FLOOD_CPU, so the flood's path through lb does too;
+# legitimate clients and servers share LEGIT_CPU, so their wake-ups need no
+# cross-vCPU interrupt, which a busy host delivers late.
+LEGIT_CPU, FLOOD_CPU = 0, 1
+
+
+def pin(cpu: int) -> None:
+    """Pin the calling thread (and what it starts later) to ``cpu`` if the guest has it."""
+    if cpu < (os.cpu_count() or 1):
+        os.sched_setaffinity(0, {cpu})
+
+
+def start_flood(flood: Flood) -> Flood:
+    """Start ``flood`` with trafgen on FLOOD_CPU (a child inherits its parent
+    thread's CPU mask at fork)."""
+    old = os.sched_getaffinity(0)
+    pin(FLOOD_CPU)
+    try:
+        return flood.start()
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+def cpu_busy_seconds() -> float:
+    """CPU seconds the guest spent busy (user, nice, system, irq, softirq; all CPUs)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    assert fields[0] == "cpu"
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
+    return (user + nice + system + irq + softirq) / CLK_TCK
+
+
+def _proc_lines(ns: str, path: str) -> list[str]:
+    with netns.netns(ns), open(path) as f:
+        return f.read().splitlines()
+
+
+def _netstat(ns: str, group: str, name: str) -> int:
+    lines = _proc_lines(ns, "/proc/net/netstat")
+    for head, vals in zip(lines[::2], lines[1::2], strict=False):
+        if head.startswith(group + ":"):
+            return int(dict(zip(head.split()[1:], vals.split()[1:], strict=True))[name])
+    raise KeyError(f"{group}{name}")
+
+
+def kernel_synacks(c: Contender) -> int:
+    """SYN/ACKs the contender's kernel code says it sent (a counter that only grows)."""
+    if c.name in OURS:
+        for line in _proc_lines("lb", "/proc/net/ip_vs_ext_stats")[1:]:
+            parts = line.split()
+            if parts[0] == "synproxy_cookie_sent":
+                return int(parts[1])
+        return 0
+    if c.name == NF:
+        rows = _proc_lines("lb", "/proc/net/stat/synproxy")[1:]
+        return sum(int(r.split()[1], 16) for r in rows if r.strip())  # syn_received
+    if c.name == STOCK:
+        return sum(_netstat(rs, "TcpExt", "SyncookiesSent") for rs in RS_NAMES)
+    return 0
+
+
+def flood_rate(c: Contender, seconds: float) -> dict[str, Any]:
+    """Flood the VIP flat out (one trafgen process) for ``seconds``."""
+    k0, cpu0 = kernel_synacks(c), cpu_busy_seconds()
+    flood = start_flood(Flood("syn", duration=seconds))
+    res = flood.wait()
+    cpu1, k1 = cpu_busy_seconds(), kernel_synacks(c)
+    return {"sent": res.sent, "seconds": res.seconds, "pps": res.pps,
+            "replies": res.replies, "cpu_busy_s": cpu1 - cpu0, "kernel_synacks": k1 - k0}
+
+
+# At most this long per set of connections: a contender whose legitimate
+# connections stall under a flood gets fewer samples, not an endless run.
+CONNECT_BUDGET = 60.0
+
+
+def connections(n: int, timeout: float, budget: float = CONNECT_BUDGET) -> list[ConnTiming]:
+    """Up to ``n`` sequential request/reply connections from the client's own
+    address, for at most ``budget`` seconds."""
+    out: list[ConnTiming] = []
+    deadline = time.monotonic() + budget
+    with netns.netns("client"):
+        while len(out) < n and time.monotonic() < deadline:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            out.append(connect_once(s, topology.VIP4, CONN_PORT, timeout))
+    return out
+
+
+def _timings(ts: list[ConnTiming]) -> dict[str, Any]:
+    return {"n": len(ts), "ok": sum(t.ok for t in ts),
+            "connect_s": [round(t.connect, 6) for t in ts],
+            "total_s": [round(t.total, 6) for t in ts],
+            "ok_flags": [t.ok for t in ts],
+            "errors": sorted({t.error for t in ts if t.error})[:5]}
+
+
+def connect_times(n: int, timeout: float) -> dict[str, Any]:
+    return _timings(connections(n, timeout))
+
+
+def legit_during_flood(n: int, timeout: float, warmup: float = 0.5) -> dict[str, Any]:
+    """``n`` connections while a flat-out flood runs; with the flood's own rate."""
+    flood = start_flood(Flood("syn"))
+    try:
+        time.sleep(warmup)
+        ts = connections(n, timeout)
+    finally:
+        res = flood.stop()
+    out = _timings(ts)
+    out.update({"flood_sent": res.sent, "flood_seconds": res.seconds, "flood_pps": res.pps})
+    return out
+
+
+def conn_rate(seconds: float, timeout: float = 5.0) -> dict[str, Any]:
+    """New connections per second, sequential, for ``seconds``."""
+    ok = failed = 0
+    with netns.netns("client"):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            if connect_once(s, topology.VIP4, CONN_PORT, timeout).ok:
+                ok += 1
+            else:
+                failed += 1
+        elapsed = time.monotonic() - t0
+    return {"ok": ok, "failed": failed, "seconds": elapsed, "per_s": ok / elapsed}
+
+
+def throughput(mb: int) -> dict[str, Any]:
+    """One download of ``mb`` MB through the VIP (bytes not hashed: the path's rate)."""
+    rate = transfer(topology.VIP4, XFER_PORT, "download", mb * MB, check=False)
+    return {"mb": mb, "mb_per_s": rate}
+
+
+def describe(c: Contender) -> dict[str, Any]:
+    d = asdict(c)
+    d.pop("_saved", None)
+    d["fwd"] = c.fwd.name
+    return d

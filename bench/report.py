@@ -1,0 +1,348 @@
+"""Turn a run's raw records into figures, ratios and target checks (on the host).
+
+``python -m bench.report RAW.json --results bench/results --readme README.md``
+writes ``bench/results/bench-<started>.json`` (the raw records, the figures and
+the host's description), ``bench/results/bench.png`` and the table between the
+README's ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` markers, and prints
+the table. ``python -m bench.report --compare A.json B.json`` compares the ratios
+of two results files.
+
+Per round, a contender's flood is set against the baseline flood measured
+right before it (the flood dropped in lb's raw PREROUTING: the generator's and
+veth's own cost). Per-SYN balancer cost = 1/rate - 1/rate(baseline);
+SYN/ACKs per second at saturation = answered fraction / per-SYN cost; CPU
+seconds per million SYNs = (busy CPU seconds per SYN - the baseline's) x 1e6.
+Figures are medians over the rounds with their range (min-max).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.contenders import BASELINE, CONTROL, NF, OURS, STOCK
+
+Record = dict[str, Any]
+SHOWN = (*OURS, NF, STOCK, CONTROL)
+SHORT = {"ipvs-synproxy-nat": "(a) NAT", "ipvs-synproxy-fullnat": "(a) FULLNAT",
+         NF: "(b) nf SYNPROXY", STOCK: "(c) RS cookies", CONTROL: "control"}
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    s = sorted(values)
+    if not s:
+        return math.nan
+    k = max(0, math.ceil(q / 100 * len(s)) - 1)
+    return s[k]
+
+
+def _conn_stats(c: Record, timeout: float) -> dict[str, float]:
+    # A failed connection counts as the full timeout in the percentiles.
+    conn = [t if ok else timeout for t, ok in zip(c["connect_s"], c["ok_flags"], strict=True)]
+    total = [t if ok else timeout for t, ok in zip(c["total_s"], c["ok_flags"], strict=True)]
+    return {"ok_pct": 100.0 * c["ok"] / c["n"],
+            "p50_ms": 1e3 * percentile(conn, 50), "p99_ms": 1e3 * percentile(conn, 99),
+            "req_p99_ms": 1e3 * percentile(total, 99)}
+
+
+def derive(raw: Record) -> dict[str, list[Record]]:
+    """Per contender, one dict of figures per round."""
+    timeout = float(raw["params"]["connect_timeout"])
+    base = {(r["round"], r["block"]): r for r in raw["records"] if r["contender"] == BASELINE}
+    out: dict[str, list[Record]] = {}
+    for r in raw["records"]:
+        name = r["contender"]
+        if name == BASELINE:
+            continue
+        fig: Record = {"round": r["round"]}
+        if "conn_rate" in r:
+            fig["conn_per_s"] = r["conn_rate"]["per_s"]
+            fig["mb_per_s"] = r["throughput"]["mb_per_s"]
+            nf = _conn_stats(r["connect_noflood"], timeout)
+            fig["noflood_p50_ms"], fig["noflood_p99_ms"] = nf["p50_ms"], nf["p99_ms"]
+            fig["noflood_req_p99_ms"] = nf["req_p99_ms"]
+        if "flood" in r:
+            f = r["flood"]
+            b = r.get("baseline_flood") or base[(r["round"], r["block"])]["flood"]
+            cost = 1 / f["pps"] - 1 / b["pps"]
+            replies = f["replies"] if f["replies"] is not None else f["kernel_synacks"]
+            answered = min(replies, f["sent"]) / f["sent"]
+            fig["flood_pps"] = f["pps"]
+            fig["baseline_pps"] = b["pps"]
+            fig["answered_pct"] = 100 * answered
+            fig["cost_us"] = 1e6 * cost
+            fig["synack_per_s"] = answered / cost if cost > 0 else math.inf
+            fig["cpu_s_per_msyn"] = 1e6 * (f["cpu_busy_s"] / f["sent"]
+                                           - b["cpu_busy_s"] / b["sent"])
+        if "connect_flood" in r:
+            cf = _conn_stats(r["connect_flood"], timeout)
+            fig["legit_ok_pct"] = cf["ok_pct"]
+            fig["flood_p50_ms"], fig["flood_p99_ms"] = cf["p50_ms"], cf["p99_ms"]
+            fig["flood_req_p99_ms"] = cf["req_p99_ms"]
+            fig["legit_flood_pps"] = r["connect_flood"]["flood_pps"]
+            fig["p99_vs_noflood"] = fig["flood_p99_ms"] / fig["noflood_p99_ms"]
+        out.setdefault(name, []).append(fig)
+    return out
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "n": len(values)}
+
+
+def summarize(per_round: dict[str, list[Record]]) -> dict[str, dict[str, dict[str, float]]]:
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, figs in per_round.items():
+        keys = [k for k in figs[0] if k != "round"]
+        out[name] = {k: spread([f[k] for f in figs if k in f]) for k in keys}
+    return out
+
+
+# Metrics compared as ratios (ours over theirs). Connect-time percentiles under a
+# flood are not among them: on an overcommitted host they jump between a few ms
+# and hundreds of ms from one round to the next (bench/README.md, "Caveats"),
+# so they are shown per contender, against the contender's own no-flood figure.
+RATIO_METRICS = {
+    "synack_per_s": "SYN/ACKs/s at saturation",
+    "cpu_s_per_msyn": "CPU s per million SYNs",
+    "conn_per_s": "new connections/s (no flood)",
+    "mb_per_s": "50 MB transfer throughput",
+}
+
+
+def ratios(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+    """Medians of ours over (b) and (c): ``<ours>/<theirs>:<metric>``."""
+    out = {}
+    for ours in OURS:
+        for theirs in (NF, STOCK):
+            for m in RATIO_METRICS:
+                a, b = summary[ours].get(m), summary[theirs].get(m)
+                if a and b and b["median"]:
+                    out[f"{ours}/{theirs}:{m}"] = a["median"] / b["median"]
+    return out
+
+
+def targets(summary: dict[str, dict[str, dict[str, float]]], mem: dict[str, int],
+            rat: dict[str, float]) -> list[Record]:
+    """The issue's targets, for each of our two forwarding methods."""
+    rows: list[Record] = []
+
+    def add(what: str, value: float, goal: str, ok: bool, unit: str = "") -> None:
+        rows.append({"target": what, "measured": value, "goal": goal, "met": ok, "unit": unit})
+
+    for ours in OURS:
+        s, tag = summary[ours], SHORT[ours]
+        r = rat[f"{ours}/{NF}:synack_per_s"]
+        add(f"{tag}: SYN/ACKs/s at saturation vs (b)", r, ">= 1.5x", r >= 1.5, "x")
+        ok = s["legit_ok_pct"]["median"]
+        add(f"{tag}: legit success during a flood >= (c)'s saturating rate", ok, ">= 99%",
+            ok >= 99, "%")
+        p = s["p99_vs_noflood"]["median"]
+        add(f"{tag}: p99 connect under flood vs no flood", p, "< 10x", p < 10, "x")
+        t = rat[f"{ours}/{STOCK}:mb_per_s"]
+        add(f"{tag}: transfer throughput vs stock NAT (c)", t, ">= 0.9x", t >= 0.9, "x")
+        c = rat[f"{ours}/{STOCK}:conn_per_s"]
+        add(f"{tag}: new connections/s vs stock NAT (c)", c, ">= 0.7x", c >= 0.7, "x")
+    extra = mem["patched"] - mem["stock"]
+    add("memory per connection vs stock (struct ip_vs_conn)", extra, "<= +128 B",
+        extra <= 128, "B")
+    return rows
+
+
+def _fmt(v: float) -> str:
+    if math.isinf(v):
+        return "inf"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def _cell(s: dict[str, dict[str, float]], key: str) -> str:
+    if key not in s:
+        return "-"
+    d = s[key]
+    return f"{_fmt(d['median'])} ({_fmt(d['min'])}..{_fmt(d['max'])})"
+
+
+ROWS = (
+    ("synack_per_s", "SYN/ACKs/s at saturation (one vCPU)"),
+    ("flood_pps", "flat-out flood reached, pps"),
+    ("baseline_pps", "baseline flood (dropped in raw), pps"),
+    ("cost_us", "balancer cost per SYN, µs"),
+    ("cpu_s_per_msyn", "CPU s per million SYNs (guest)"),
+    ("answered_pct", "flood SYNs answered, %"),
+    ("legit_ok_pct", "legit connections ok under flood, %"),
+    ("legit_flood_pps", "flood rate during those, pps"),
+    ("flood_p50_ms", "connect p50 under flood, ms"),
+    ("flood_p99_ms", "connect p99 under flood, ms"),
+    ("noflood_p99_ms", "connect p99 without flood, ms"),
+    ("flood_req_p99_ms", "request p99 under flood, ms"),
+    ("noflood_req_p99_ms", "request p99 without flood, ms"),
+    ("conn_per_s", "new connections/s, no flood"),
+    ("mb_per_s", "50 MB download, MB/s"),
+)
+
+
+def markdown(res: Record) -> str:
+    summ, rat, host = res["summary"], res["ratios"], res["host"]
+    cols = [n for n in SHOWN if n in summ]
+    lines = [
+        f"Latest run: {res['run']['started'][:10]}, `make bench` on {host['description']}; "
+        f"{res['run']['params']['rounds']} interleaved rounds, median (min..max); "
+        f"the guest's part took {res['run']['seconds'] / 60:.0f} min, host load average "
+        f"{host['loadavg'][2]:.1f} (15 min) when it ended.",
+        "",
+        "| | " + " | ".join(SHORT[c] for c in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for key, label in ROWS:
+        lines.append(f"| {label} | " + " | ".join(_cell(summ[c], key) for c in cols) + " |")
+    mem = res["run"]["conn_object_size"]
+    lines.append("| bytes per connection (ip_vs_conn) | "
+                 + " | ".join(str(mem["patched"] if c in (*OURS, CONTROL) else mem["stock"])
+                              for c in cols) + " |")
+    lines += ["", "| ratio (medians) | (a) NAT / (b) | (a) NAT / (c) | (a) FULLNAT / (b) "
+              "| (a) FULLNAT / (c) |", "|---|---:|---:|---:|---:|"]
+    for m, label in RATIO_METRICS.items():
+        vals = [rat.get(f"{o}/{t}:{m}") for o in OURS for t in (NF, STOCK)]
+        lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.2f}"
+                                                for v in vals) + " |")
+    lines += ["", "| target | goal | measured | |", "|---|---|---:|---|"]
+    for t in res["targets"]:
+        lines.append(f"| {t['target']} | {t['goal']} | {_fmt(t['measured'])}{t['unit']} | "
+                     f"{'met' if t['met'] else '**missed**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def host_description() -> Record:
+    model = "?"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        m = re.search(r"^Model name:\s*(.+)$", out, re.M)
+        model = m.group(1).strip() if m else model
+    except OSError:
+        pass
+    n = os.cpu_count() or 0
+    desc = (f"a 2-vCPU QEMU TCG guest (Debian 6.1 kernel, software emulation) on a {n}-core "
+            f"{model} host")
+    return {"cpus": n, "cpu_model": model, "platform": platform.platform(),
+            "loadavg": os.getloadavg(), "description": desc}
+
+
+def analyse(raw: Record) -> Record:
+    per_round = derive(raw)
+    summ = summarize(per_round)
+    rat = ratios(summ)
+    return {"summary": summ, "ratios": rat,
+            "targets": targets(summ, raw["conn_object_size"], rat), "per_round": per_round}
+
+
+def plot(res: Record, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summ = res["summary"]
+    panels = [("synack_per_s", "SYN/ACKs/s at saturation"),
+              ("cpu_s_per_msyn", "CPU s per million SYNs"),
+              ("flood_p99_ms", "connect p99 under flood, ms"),
+              ("conn_per_s", "new connections/s"),
+              ("mb_per_s", "50 MB download, MB/s")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        names = [n for n in SHOWN if key in summ.get(n, {})]
+        med = [summ[n][key]["median"] for n in names]
+        lo = [m - summ[n][key]["min"] for n, m in zip(names, med, strict=True)]
+        hi = [summ[n][key]["max"] - m for n, m in zip(names, med, strict=True)]
+        colors = ["tab:blue" if n in OURS else "tab:gray" if n == CONTROL else "tab:orange"
+                  for n in names]
+        ax.bar(range(len(names)), med, yerr=[lo, hi], capsize=4, color=colors)
+        ax.set_xticks(range(len(names)), [SHORT[n] for n in names], rotation=30, ha="right",
+                      fontsize=8)
+        ax.set_title(title, fontsize=10)
+    fig.suptitle(f"ipvs-synproxy benchmarks, {res['run']['started'][:10]} "
+                 f"(median, min..max over {res['run']['params']['rounds']} rounds)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def update_readme(readme: Path, table: str, png: str) -> None:
+    text = readme.read_text()
+    block = f"{BEGIN}\n{table}\n![benchmark plot]({png})\n{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n## Benchmarks\n\n" + block + "\n"
+    readme.write_text(text)
+
+
+def compare(a: Record, b: Record, tolerance: float = 0.2) -> tuple[bool, list[str]]:
+    """Do two results agree on every ratio within ``tolerance``?"""
+    ok, lines = True, []
+    for key in sorted(a["ratios"]):
+        x, y = a["ratios"][key], b["ratios"].get(key)
+        if y is None:
+            continue
+        rel = abs(x / y - 1)
+        good = rel <= tolerance
+        ok &= good
+        lines.append(f"{'ok  ' if good else 'DIFF'} {key}: {x:.2f} vs {y:.2f} "
+                     f"({100 * rel:.0f}%)")
+    return ok, lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.report", description=__doc__.splitlines()[0])
+    p.add_argument("raw", type=Path, nargs="?")
+    p.add_argument("--results", type=Path, default=Path("bench/results"))
+    p.add_argument("--readme", type=Path)
+    p.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"))
+    args = p.parse_args(argv)
+    if args.compare:
+        a, b = (json.loads(f.read_text()) for f in args.compare)
+        ok, lines = compare(a, b)
+        print("\n".join(lines))
+        print("every ratio within 20%" if ok else "some ratios differ by more than 20%")
+        return 0 if ok else 1
+    if args.raw is None:
+        p.error("a raw run file is needed")
+    raw = json.loads(args.raw.read_text())
+    res: Record = {"run": {k: v for k, v in raw.items() if k != "records"},
+                   "host": host_description(), **analyse(raw), "records": raw["records"]}
+    args.results.mkdir(parents=True, exist_ok=True)
+    stamp = raw["started"].replace("-", "").replace(":", "")
+    out = args.results / f"bench-{stamp}.json"
+    # Readable figures; the raw records (thousands of samples) one line each.
+    head = json.dumps({**res, "records": None}, indent=1)
+    records = ",\n  ".join(json.dumps(r, separators=(",", ":")) for r in res["records"])
+    out.write_text(head.replace('"records": null', f'"records": [\n  {records}\n ]') + "\n")
+    png = args.results / "bench.png"
+    plot(res, png)
+    table = markdown(res)
+    if args.readme:
+        update_readme(args.readme, table, os.path.relpath(png, args.readme.parent))
+    print(table)
+    print(f"results: {out}, plot: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The benchmark run, inside the testbed guest: ``python -m bench.run --out FILE``.
+
+Rounds of two blocks: [control, (a) NAT, (a) FULLNAT] on the patched modules
+and [(b), (c)] on the distribution's modules; the blocks swap
+order every round and so does the order of the contenders within each block. The
+modules are reloaded and the real servers' listeners restarted before each
+measurement (an empty connection table, no half-open requests left over).
+Each contender, in order: connect times without a flood, connections per
+second, one bulk download, the baseline flood (dropped in lb's raw PREROUTING)
+and then a flat-out flood of the contender, each with its rate and CPU cost,
+connect times during a flat-out flood. The control (patched modules, proxy
+off) has no flood. The raw records go to the
+output file (JSON); ``bench.report`` turns them into figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import measure
+from bench.contenders import (
+    BASELINE,
+    CONN_PORT,
+    CONTENDERS,
+    CONTROL,
+    NF,
+    OURS,
+    RS_NAMES,
+    STOCK,
+    XFER_PORT,
+    add_drop,
+    conn_object_size,
+    del_drop,
+    load_ipvs,
+    unload_ipvs,
+)
+from ipvs_synproxy.testbed import topology
+from ipvs_synproxy.testbed.transfer import ServerProcess
+from ipvs_synproxy.testbed.vm import stop_requested
+
+# The contenders of each module set (their order alternates by round).
+BLOCKS = (("patched", (CONTROL, *OURS)), ("stock", (NF, STOCK)))
+
+
+def log(msg: str) -> None:
+    print(f"bench {time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+class Servers:
+    """ConnServer on port 80 and BlobServer on 8080 in each real server, in a child
+    process (not sharing this one's GIL with the clients). Restarted for every
+    measurement: closing a listener drops its queue of half-open requests."""
+
+    def __init__(self) -> None:
+        self._proc: ServerProcess | None = None
+
+    def restart(self) -> None:
+        self.close()
+        self._proc = ServerProcess(
+            [f"{kind}:{rs}:{topology.RS4[rs]}:{port}" for rs in RS_NAMES
+             for kind, port in (("conn", CONN_PORT), ("blob", XFER_PORT))])
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.close()
+            self._proc = None
+
+
+def measure_contender(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    c = CONTENDERS[name]
+    rec: dict[str, Any] = {"contender": name}
+    c.setup()
+    try:
+        if name != BASELINE:
+            rec["connect_noflood"] = measure.connect_times(args.legit, args.connect_timeout)
+            rec["conn_rate"] = measure.conn_rate(args.conn_seconds)
+            rec["throughput"] = measure.throughput(args.xfer_mb)
+        if c.flood:
+            # The baseline right before the contender's flood: the host's speed
+            # drifts (other guests), and the cost is a difference of the two.
+            add_drop()
+            try:
+                rec["baseline_flood"] = measure.flood_rate(CONTENDERS[BASELINE],
+                                                           args.flood_seconds)
+            finally:
+                del_drop()
+            rec["flood"] = measure.flood_rate(c, args.flood_seconds)
+        if name != BASELINE and c.flood:
+            rec["connect_flood"] = measure.legit_during_flood(args.legit, args.connect_timeout)
+    finally:
+        c.teardown()
+    return rec
+
+
+def summary_line(rec: dict[str, Any]) -> str:
+    s = str(rec["contender"]) + ":"
+    if "flood" in rec:
+        f = rec["flood"]
+        s += (f" baseline {rec['baseline_flood']['pps']:.0f} pps, flood {f['pps']:.0f} pps, "
+              f"replies {f['replies']}/{f['sent']}, cpu {f['cpu_busy_s']:.2f} s;")
+    if "conn_rate" in rec:
+        s += (f" {rec['conn_rate']['per_s']:.0f} conn/s, "
+              f"{rec['throughput']['mb_per_s']:.1f} MB/s")
+    if "connect_flood" in rec:
+        cf = rec["connect_flood"]
+        s += f", legit under flood {cf['ok']}/{cf['n']} at {cf['flood_pps']:.0f} pps"
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.run", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--flood-seconds", type=float, default=4.0)
+    p.add_argument("--legit", type=int, default=200, help="connections per connect-time set")
+    p.add_argument("--connect-timeout", type=float, default=5.0)
+    p.add_argument("--conn-seconds", type=float, default=3.0)
+    p.add_argument("--xfer-mb", type=int, default=50)
+    args = p.parse_args(argv)
+
+    if os.environ.get("IPVS_SP_GUEST") != "1" or os.environ.get("IPVS_SP_TOPOLOGY") != "1":
+        print("bench.run runs in the testbed guest: ipvs-synproxy vm exec --topology -- "
+              "python -m bench.run ...", file=sys.stderr)
+        return 2
+    started = time.time()
+    out: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "guest": {"kernel": platform.release(), "cpus": os.cpu_count(),
+                  "cpu_model": _cpu_model()},
+        "params": {k: v for k, v in vars(args).items() if k != "out"},
+        "contenders": {n: measure.describe(c) for n, c in CONTENDERS.items()},
+        "conn_object_size": {},
+        "records": [],
+    }
+    measure.pin(measure.LEGIT_CPU)
+    servers = Servers()
+    try:
+        for rnd in range(args.rounds):
+            blocks = BLOCKS if rnd % 2 == 0 else BLOCKS[::-1]
+            for kind, names in blocks:
+                order = names if rnd % 2 == 0 else names[::-1]
+                for name in order:
+                    if stop_requested():
+                        log("stop requested")
+                        return 130
+                    # Fresh modules (an empty connection table) and fresh listeners
+                    # (no half-open requests left) for every contender.
+                    load_ipvs(kind)
+                    out["conn_object_size"][kind] = conn_object_size()
+                    servers.restart()
+                    rec = measure_contender(name, args)
+                    rec.update({"round": rnd, "block": kind})
+                    out["records"].append(rec)
+                    log(f"round {rnd} {summary_line(rec)}")
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text(json.dumps(out, indent=1))
+    finally:
+        servers.close()
+        unload_ipvs()
+    out["seconds"] = round(time.time() - started, 1)
+    args.out.write_text(json.dumps(out, indent=1))
+    log(f"done in {out['seconds']:.0f} s: {args.out}")
+    return 0
+
+
+def _cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""bench.report: figures, ratios, targets and the README block from raw records."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import report
+from bench.contenders import BASELINE, CONTROL, NF, OURS, STOCK
+
+
+def _conns(ms: float, n: int = 100, failed: int = 0) -> dict[str, Any]:
+    ok = [i >= failed for i in range(n)]
+    return {"n": n, "ok": n - failed, "connect_s": [ms / 1e3] * n,
+            "total_s": [2 * ms / 1e3] * n, "ok_flags": ok, "errors": []}
+
+
+def _flood(pps: float, cpu_per_syn: float, answered: float = 1.0) -> dict[str, Any]:
+    sent = int(pps * 4)
+    return {"sent": sent, "seconds": 4.0, "pps": pps, "replies": int(sent * answered),
+            "cpu_busy_s": cpu_per_syn * sent, "kernel_synacks": 0}
+
+
+def _rec(name: str, rnd: int, block: str, pps: float | None, conn_s: float = 300,
+         mb_s: float = 100, flood_ms: float = 1.0) -> dict[str, Any]:
+    r: dict[str, Any] = {"contender": name, "round": rnd, "block": block}
+    if pps is not None:
+        # cost per SYN in the CPU figure mirrors the rate
+        r["flood"] = _flood(pps, 1 / pps)
+    if name != BASELINE:
+        r["connect_noflood"] = _conns(1.0)
+        r["conn_rate"] = {"per_s": conn_s}
+        r["throughput"] = {"mb_per_s": mb_s}
+        if pps is not None:
+            r["baseline_flood"] = _flood(40000, 1 / 40000)
+            r["connect_flood"] = {**_conns(flood_ms), "flood_pps": pps}
+    return r
+
+
+def raw_run(scale: float = 1.0) -> dict[str, Any]:
+    recs = []
+    for rnd in range(3):
+        for block, names in (("patched", (CONTROL, *OURS)), ("stock", (NF, STOCK))):
+            recs.append(_rec(BASELINE, rnd, block, 40000))
+            for n in names:
+                pps = {CONTROL: None, NF: 20000, STOCK: 10000}.get(n, 30000 * scale)
+                recs.append(_rec(n, rnd, block, pps, conn_s=300 if n in OURS else 280))
+    return {"started": "2026-11-22T03:00:00Z", "seconds": 600.0,
+            "params": {"connect_timeout": 5.0, "rounds": 3},
+            "conn_object_size": {"patched": 464, "stock": 288}, "records": recs}
+
+
+def test_percentile_is_nearest_rank() -> None:
+    vals = list(range(1, 101))
+    assert report.percentile(vals, 50) == 50
+    assert report.percentile(vals, 99) == 99
+    assert report.percentile([3.0], 99) == 3.0
+
+
+def test_per_syn_cost_subtracts_the_baseline() -> None:
+    res = report.analyse(raw_run())
+    s = res["summary"]
+    # 1/30000 - 1/40000 s = 8.33 us -> 120000 SYN/ACKs/s
+    assert s[OURS[0]]["cost_us"]["median"] == pytest.approx(8.333, rel=1e-3)
+    assert s[OURS[0]]["synack_per_s"]["median"] == pytest.approx(120000, rel=1e-3)
+    assert s[NF]["synack_per_s"]["median"] == pytest.approx(40000, rel=1e-3)
+    assert s[OURS[0]]["cpu_s_per_msyn"]["median"] == pytest.approx(8.333, rel=1e-3)
+    assert res["ratios"][f"{OURS[0]}/{NF}:synack_per_s"] == pytest.approx(3.0, rel=1e-3)
+    assert "synack_per_s" not in s[CONTROL]
+
+
+def test_failed_connections_count_as_the_timeout() -> None:
+    stats = report._conn_stats(_conns(1.0, n=100, failed=2), timeout=5.0)
+    assert stats["ok_pct"] == 98
+    assert stats["p50_ms"] == pytest.approx(1.0)
+    assert stats["p99_ms"] == pytest.approx(5000.0)
+
+
+def test_targets_name_what_is_missed() -> None:
+    res = report.analyse(raw_run())
+    by_name = {t["target"]: t for t in res["targets"]}
+    mem = by_name["memory per connection vs stock (struct ip_vs_conn)"]
+    assert mem["measured"] == 176 and not mem["met"]
+    assert all(t["met"] for t in res["targets"] if t is not mem)
+
+
+def test_compare_flags_ratios_that_moved_more_than_20_percent() -> None:
+    a = report.analyse(raw_run())
+    ok, _ = report.compare(a, copy.deepcopy(a))
+    assert ok
+    b = report.analyse(raw_run(scale=1.2))  # (a) faster: its ratios to (b), (c) move
+    ok, lines = report.compare(a, b)
+    assert not ok and any(line.startswith("DIFF") for line in lines)
+
+
+def test_readme_block_is_replaced_between_markers(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report.BEGIN}\nold\n{report.END}\n\n## after\n")
+    report.update_readme(readme, "| new |\n", "bench/results/bench.png")
+    text = readme.read_text()
+    assert "old" not in text and "| new |" in text and text.endswith("## after\n")
+    report.update_readme(readme, "| newer |\n", "bench/results/bench.png")
+    assert readme.read_text().count(report.BEGIN) == 1
+
+
+def test_markdown_has_every_contender_and_the_targets() -> None:
+    raw = raw_run()
+    res = {"run": {k: v for k, v in raw.items() if k != "records"},
+           "host": {"description": "test host", "loadavg": (1.0, 1.0, 1.0)}, **report.analyse(raw)}
+    md = report.markdown(res)
+    for label in ("(a) NAT", "(a) FULLNAT", "(b) nf SYNPROXY", "(c) RS cookies", "control"):
+        assert label in md
+    assert "**missed**" in md and "test host" in md
