@@ -24,6 +24,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from itertools import count
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,10 @@ from ipvs_synproxy.testbed import netns, topology
 CLAIM4 = (topology.CLIENT4, 4242)
 CLAIM6 = (topology.CLIENT6, 4242)
 STATS = Path("/proc/net/toa_stats")
+# One source port per hand-made connection: a random port can repeat one of
+# the same test's still-open connections, and rs1 then answers the SYN with a
+# challenge ACK instead of a SYN/ACK.
+_sports = count(random.randint(40000, 50000))
 
 
 def toa_option(addr: str, port: int, length: int | None = None) -> bytes:
@@ -83,7 +88,7 @@ class RawTcp:
     def __init__(self, src: str, dst: str, dport: int) -> None:
         self.family = socket.AF_INET6 if ":" in src else socket.AF_INET
         self.src, self.dst, self.dport = src, dst, dport
-        self.sport = random.randint(40000, 60000)
+        self.sport = next(_sports)
         self.isn = random.getrandbits(32)
         self.sock = _ns_raw_socket("lb", self.family)
         self.sock.bind((src, 0))
