@@ -262,31 +262,33 @@ def test_keepalived_programs_fullnat_synproxy_services_and_laddrs(
     assert lb_table() == {}
 
 
+@pytest.mark.parametrize("inhibit", [False, True], ids=["removed", "weight-0"])
 def test_failed_real_server_leaves_and_comes_back(
         daemons: list[Keepalived], servers: dict[str, peers.HttpServer],
-        tmp_path: Path) -> None:
-    conf = CONFIG.replace(CHECK, "{type: http, path: /health, interval: 1, timeout: 1, "
-                                 "retry: 1, delay_before_retry: 1}")
-    ka = Keepalived("lb", render(tmp_path, conf), tmp_path / "lb")
+        tmp_path: Path, inhibit: bool) -> None:
+    check = ("{type: http, path: /health, interval: 1, timeout: 1, retry: 1, "
+             f"delay_before_retry: 1, inhibit_on_failure: {str(inhibit).lower()}}}")
+    ka = Keepalived("lb", render(tmp_path, CONFIG.replace(CHECK, check)), tmp_path / "lb")
     daemons.append(ka)
 
-    def rs_of_vip() -> set[str]:
+    def weights() -> dict[str, int]:
         t = lb_table()
-        return {d[0] for d in t[f"{VIP}:80"][1]} if f"{VIP}:80" in t else set()
+        return {d[0]: d[1] for d in t[f"{VIP}:80"][1]} if f"{VIP}:80" in t else {}
 
-    assert wait_for(lambda: rs_of_vip() == {RS1, RS2}), ka.log()
+    assert wait_for(lambda: weights() == {RS1: 1, RS2: 1}), ka.log()
     servers["rs2"].close()
     t0 = time.monotonic()
-    # interval 1 + timeout 1, one retry after 1 s: gone within a few seconds
-    assert wait_for(lambda: rs_of_vip() == {RS1}, timeout=20), ka.log()
+    failed = {RS1: 1, RS2: 0} if inhibit else {RS1: 1}
+    assert wait_for(lambda: weights() == failed, timeout=20), (weights(), ka.log())
     removed_after = time.monotonic() - t0
-    assert set(served_by(4)) == {"rs1"}
+    for _ in range(3):  # clients keep being served, by rs1 alone
+        assert set(served_by(4)) == {"rs1"}
 
     servers["rs2"] = peers.start_http_server("rs2", RS2, 80)
-    assert wait_for(lambda: rs_of_vip() == {RS1, RS2}, timeout=20), ka.log()
+    assert wait_for(lambda: weights() == {RS1: 1, RS2: 1}, timeout=20), ka.log()
     assert set(served_by(4)) == {"rs1", "rs2"}
     # detection: one failed check, one retry 1 s later; a few seconds of slack for TCG
-    assert removed_after < 8, f"rs2 removed only after {removed_after:.1f} s"
+    assert removed_after < 8, f"rs2 taken out only after {removed_after:.1f} s"
 
 
 # ---- two balancers with VRRP ------------------------------------------------------------------
