@@ -295,13 +295,16 @@ def update_readme(readme: Path, table: str, png: str) -> None:
 
 
 def compare(a: Record, b: Record, tolerance: float = 0.2) -> tuple[bool, list[str]]:
-    """Do two results agree on every ratio within ``tolerance``?"""
+    """Do two results agree on every ratio within ``tolerance``? A ratio that
+    only one of them has is a disagreement too (a contender went missing)."""
     ok, lines = True, []
-    for key in sorted(a["ratios"]):
-        x, y = a["ratios"][key], b["ratios"].get(key)
-        if y is None:
+    for key in sorted(set(a["ratios"]) | set(b["ratios"])):
+        x, y = a["ratios"].get(key), b["ratios"].get(key)
+        if x is None or y is None:
+            ok = False
+            lines.append(f"MISS {key}: {x} vs {y}")
             continue
-        rel = abs(x / y - 1)
+        rel = abs(x / y - 1) if y else (0.0 if x == y else math.inf)
         good = rel <= tolerance
         ok &= good
         lines.append(f"{'ok  ' if good else 'DIFF'} {key}: {x:.2f} vs {y:.2f} "

@@ -96,6 +96,16 @@ def test_compare_flags_ratios_that_moved_more_than_20_percent() -> None:
     assert not ok and any(line.startswith("DIFF") for line in lines)
 
 
+def test_compare_counts_a_ratio_missing_from_either_run_as_a_difference() -> None:
+    a = report.analyse(raw_run())
+    b = copy.deepcopy(a)
+    gone = sorted(b["ratios"])[0]
+    del b["ratios"][gone]
+    for x, y in ((a, b), (b, a)):
+        ok, lines = report.compare(x, y)
+        assert not ok and any(line.startswith(f"MISS {gone}") for line in lines)
+
+
 def test_readme_block_is_replaced_between_markers(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{report.BEGIN}\nold\n{report.END}\n\n## after\n")
