@@ -213,7 +213,7 @@ def _answers(frames: dict[int, bytes], cap: Capture, timeout: float = 20,
 
 
 # SYN flags: RFC 3168 makes a SYN "ECN-setup" only with both ECE and CWR set;
-# ECE or CWR alone (what some middleboxes leave) asks for nothing.
+# ECE or CWR alone asks for nothing, and the SYN/ACK must not set ECE.
 ECN_SYNS = {"none": 0, "ece+cwr": ECE | CWR, "ece": ECE, "cwr": CWR}
 
 
