@@ -601,6 +601,7 @@ def test_sack_blocks_reach_the_server_in_its_own_numbers(
         transfer(net, 8080, "download", LOSSY_XFER)
     assert ext_stats_file()["synproxy_sack_translated"] > before["synproxy_sack_translated"]
     n, bad = _sack_blocks_outside_the_data(pcap, "rs")
+    print(f"{n} SACK blocks at the real server")
     assert n, "no SACK block reached the real server (no loss happened?)"
     assert not bad, f"{len(bad)} of {n} SACK blocks outside the data sent: {bad[:3]}"
 
@@ -619,5 +620,6 @@ def test_sack_blocks_reach_the_client_in_its_own_numbers(
     with tcpdump("client", pcap, "tcp port 8080"), netem_loss("lb", "eth1", 3):
         transfer(net, 8080, "upload", LOSSY_XFER)
     n, bad = _sack_blocks_outside_the_data(pcap, "client")
+    print(f"{n} SACK blocks at the client")
     assert n, "no SACK block reached the client (no loss happened?)"
     assert not bad, f"{len(bad)} of {n} SACK blocks outside the data sent: {bad[:3]}"
