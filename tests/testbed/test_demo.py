@@ -1,11 +1,14 @@
 """``make demo`` end to end: the steps, then the console reachable from the host.
 
 Boots the guest like the Makefile does (with a forwarded port of its own, free
-on the host, so it never clashes with the browser test's 8080), holds for
-:data:`HOLD` seconds, and meanwhile fetches ``/metrics`` from the host's
-127.0.0.1 and logs in to the console with the credentials the demo printed
-(login form with its CSRF token, as a browser would). The demo must exit 0 and
-its status lines must show clients served while the SYN flood ran.
+on the host, so it never clashes with the browser test's), holds for
+:data:`HOLD` seconds, and once the first status line shows clients and the SYN
+flood running, fetches ``/metrics`` twice from the host's 127.0.0.1 (the SYN
+proxy's counters must move in between) and logs in to the console with the
+credentials the demo printed (login form with its CSRF token, as a browser
+would). The demo must exit 0 and its last status line must show the clients
+served, the SYN proxy answering the flood (``synproxy_cookie_sent``) and the
+real servers seeing about the clients' SYNs only, far fewer than the flood's.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ import urllib.request
 from ipvs_synproxy import paths
 from ipvs_synproxy.testbed import demo as demo_mod
 
-HOLD = 25
+HOLD = 40
 LOGIN = re.compile(r"login: user (\S+), password (\S+)")
 STATUS = re.compile(r"^\[\s*\d+ s\] requests ok (\d+) failed (\d+) \| flood SYNs at lb (\d+) "
-                    r"\| SYNs at real servers: rs1 (\d+) rs2 (\d+)", re.M)
+                    r"\| SYNs at real servers: rs1 (\d+) rs2 (\d+) \| (.*)$", re.M)
 
 
 def _free_port() -> int:
@@ -72,30 +75,46 @@ def _login(base: str, user: str, password: str) -> str:
         return str(r.read().decode())
 
 
-def test_demo_ends_with_the_console_reachable_from_the_host() -> None:
+def _synproxy_metrics(base: str) -> dict[str, float]:
+    """The extended counters ``synproxy_*`` from the console's /metrics."""
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+        metrics = r.read().decode()
+    assert "ipvs_synproxy_up 1.0" in metrics, metrics[:2000]
+    assert 'remote_address="192.0.2.11"' in metrics
+    return {m.group(1): float(m.group(2)) for m in
+            re.finditer(r"^ipvs_synproxy_(synproxy_\w+)_total (\S+)$", metrics, re.M)}
+
+
+def _wait_for_output(demo: Demo, pattern: re.Pattern[str], deadline: float) -> re.Match[str]:
+    while not (m := pattern.search(demo.output())):
+        assert demo.proc.poll() is None, demo.output()[-4000:]
+        assert time.monotonic() < deadline, demo.output()[-4000:]
+        time.sleep(0.5)
+    return m
+
+
+def test_demo_serves_clients_through_the_syn_flood_with_the_console_live() -> None:
+    assert demo_mod.SYNPROXY, "the demo's services must have the SYN-proxy flag"
     subprocess.run([sys.executable, "-m", "ipvs_synproxy.cli", "kmod", "build-toa"],
                    cwd=paths.project_root(), check=True, capture_output=True)
     port = _free_port()
     demo = Demo(port)
     try:
         deadline = time.monotonic() + 400
-        while not LOGIN.search(demo.output()):
-            assert demo.proc.poll() is None, demo.output()[-4000:]
-            assert time.monotonic() < deadline, demo.output()[-4000:]
-            time.sleep(0.5)
+        user, password = _wait_for_output(demo, LOGIN, deadline).groups()
         base = f"http://127.0.0.1:{port}"
         assert f"URL:   {base}/" in demo.output()
-        m = LOGIN.search(demo.output())
-        assert m is not None
-        user, password = m.groups()
 
-        with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
-            metrics = r.read().decode()
-        assert "ipvs_synproxy_up 1.0" in metrics, metrics[:2000]
-        assert 'remote_address="192.0.2.11"' in metrics
-
+        # The console while the clients and the flood run (the first status line)
+        _wait_for_output(demo, STATUS, deadline)
+        first = _synproxy_metrics(base)
+        time.sleep(3)
+        second = _synproxy_metrics(base)
+        for name in ("synproxy_cookie_sent", "synproxy_ack_valid"):
+            assert second.get(name, 0) > first.get(name, 0), (name, first, second)
         overview = _login(base, user, password)
         assert "198.51.100.10:80" in overview, overview[:2000]
+        assert "== stopping" not in demo.output(), "the demo stopped while the console was used"
 
         demo.proc.wait(300)
     finally:
@@ -105,12 +124,17 @@ def test_demo_ends_with_the_console_reachable_from_the_host() -> None:
         demo.reader.join(10)
     out = demo.output()
     assert demo.proc.returncode == 0, out[-4000:]
-    status = [tuple(map(int, g)) for g in STATUS.findall(out)]
-    assert status, out[-4000:]
-    ok, _failed, flood_syns, rs1, rs2 = status[-1]
-    assert ok > 0 and flood_syns > 0, status
     assert "== done" in out
-    if demo_mod.SYNPROXY and "synproxy_cookie_sent=" in out:
-        # the SYN proxy answers the flood itself: the real servers see about the
-        # clients' SYNs only
-        assert rs1 + rs2 < flood_syns / 2, status
+    status = STATUS.findall(out)
+    assert len(status) >= 2, out[-4000:]
+    *counts, synproxy = status[-1]
+    ok, failed, flood_syns, rs1, rs2 = map(int, counts)
+    assert ok > 0 and flood_syns > 0, status[-1]
+    assert failed <= ok // 100, f"{failed} of {ok + failed} client requests failed"
+    cookies = re.search(r"synproxy_cookie_sent=(\d+)", synproxy)
+    assert cookies, f"the SYN proxy sent no cookie: {synproxy}"
+    # the SYN proxy answers the flood itself: the real servers see the
+    # clients' SYNs (one per request) only
+    assert int(cookies.group(1)) > flood_syns / 2, status[-1]
+    assert rs1 + rs2 <= ok + failed + 10, status[-1]
+    assert rs1 + rs2 < flood_syns / 10, status[-1]

@@ -4,9 +4,11 @@ The guest runs the standard topology, IPVS services with live traffic and the
 console (``tests/testbed/webui_guest.py``); its port is forwarded to the host's
 127.0.0.1. Headless Debian Chromium, driven through chromedriver's W3C
 WebDriver HTTP protocol (plain urllib, no client library), logs in, looks at
-every page, drains a real server, and the guest's ``ipvs-synproxy adm -L -n``
-must then show that server with weight 0. Screenshots of each page go to
-build/test-results/screenshots/.
+every page, drains a real server and turns the SYN proxy of the FULLNAT service
+off, and the guest's ``ipvs-synproxy adm -L -n`` must then show that server
+with weight 0 and the service without its ``synproxy`` flag (it had it
+before). Screenshots of each page go to build/test-results/screenshots/
+(emptied first, so a partial run leaves no old ones behind).
 """
 
 from __future__ import annotations
@@ -32,12 +34,11 @@ from werkzeug.security import generate_password_hash
 
 from ipvs_synproxy import deps, paths
 
-PORT = 8080
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C WebDriver element key
 RS = "192.0.2.11_80"
-
+SHOTS = paths.build_dir() / "test-results" / "screenshots"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -133,13 +134,13 @@ def _wait(what: str, check: Any, timeout: float = 60) -> Any:
 class Guest:
     """``vm exec`` running the guest side, its output collected as it comes."""
 
-    def __init__(self, config: Path, stopfile: Path) -> None:
+    def __init__(self, config: Path, stopfile: Path, port: int) -> None:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ipvs_synproxy.cli", "vm", "exec", "--topology",
-             "--forward", str(PORT), "--timeout", "1500", "--",
+             "--forward", str(port), "--timeout", "1500", "--",
              sys.executable, "-m", "tests.testbed.webui_guest", str(config), str(stopfile),
-             str(PORT)],
+             str(port)],
             cwd=paths.project_root(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True)
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -156,9 +157,8 @@ class Guest:
 
 @pytest.fixture
 def console(tmp_path: Path) -> Iterator[tuple[str, str, Guest, Path]]:
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", PORT)) == 0:
-            pytest.skip(f"127.0.0.1:{PORT} is in use on the host")
+    shutil.rmtree(SHOTS, ignore_errors=True)
+    port = _free_port()    # the host's end of the forward: never one that is in use
     work = paths.build_dir() / "test-results" / "webui"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -168,13 +168,13 @@ def console(tmp_path: Path) -> Iterator[tuple[str, str, Guest, Path]]:
     config.write_text("secret_key_file: secret.key\naudit_log: audit.log\nusers:\n"
                       f"  - name: admin\n    role: admin\n    password_hash: '{digest}'\n")
     stopfile = work / "stop"
-    guest = Guest(config, stopfile)
+    guest = Guest(config, stopfile, port)
     try:
         _wait("the console in the guest",
               lambda: "CONSOLE READY" in guest.output() or guest.proc.poll() is not None,
               timeout=900)
         assert "CONSOLE READY" in guest.output(), guest.output()[-3000:]
-        yield f"http://127.0.0.1:{PORT}", password, guest, stopfile
+        yield f"http://127.0.0.1:{port}", password, guest, stopfile
     finally:
         stopfile.touch()
         try:
@@ -203,10 +203,18 @@ def browser() -> Iterator[WebDriver]:
         driver.wait(30)
 
 
-def test_browser_logs_in_sees_services_and_drains_a_real_server(
+def _adm_listing(out: str, marker: str) -> list[str]:
+    return out.split(f"--- {marker}\n", 1)[1].split(f"--- end {marker}", 1)[0].splitlines()
+
+
+def _service_line(adm: list[str], addr_port: str) -> list[str]:
+    return next(ln.split() for ln in adm if addr_port in ln and ln.startswith("TCP"))
+
+
+def test_browser_logs_in_sees_services_drains_a_real_server_and_turns_the_syn_proxy_off(
         console: tuple[str, str, Guest, Path], browser: WebDriver) -> None:
     url, password, guest, stopfile = console
-    shots = paths.build_dir() / "test-results" / "screenshots"
+    shots = SHOTS
     sid = "tcp_198.51.100.10_80"
 
     browser.get(url + "/")
@@ -243,9 +251,21 @@ def test_browser_logs_in_sees_services_and_drains_a_real_server(
     assert int(browser.text(total)) > 0
     browser.screenshot(shots / "06-synproxy.png")
 
+    fnat = f"{url}/services/tcp_198.51.100.10_8000"
+    browser.get(fnat)
+    assert browser.text("#synproxy-state") == "on"
+    browser.click("#toggle-synproxy")
+    _wait("the confirmation page",
+          lambda: "Turn the SYN proxy off" in browser.text("main"))
+    browser.screenshot(shots / "07-confirm-synproxy-off.png")
+    browser.click("#confirm")
+    _wait("the SYN proxy off", lambda: browser.text("#synproxy-state") == "off")
+    assert browser.url().rstrip("/") == fnat
+    browser.screenshot(shots / "08-synproxy-off.png")
+
     browser.get(f"{url}/sysctl")
     assert "net.ipv4.vs.fullnat_lport_min" in browser.text("#sysctls")
-    browser.screenshot(shots / "07-sysctl.png")
+    browser.screenshot(shots / "09-sysctl.png")
 
     with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
         metrics = r.read().decode()
@@ -256,10 +276,14 @@ def test_browser_logs_in_sees_services_and_drains_a_real_server(
     guest.reader.join(10)
     out = guest.output()
     assert guest.proc.returncode == 0, out[-3000:]
-    adm = out.split("--- adm\n", 1)[1].split("--- end adm", 1)[0]
-    vip = next(i for i, ln in enumerate(adm.splitlines()) if "198.51.100.10:80 wrr" in ln)
-    rows = adm.splitlines()[vip + 1:vip + 3]
+    adm = _adm_listing(out, "adm")
+    vip = next(i for i, ln in enumerate(adm) if "198.51.100.10:80 wrr" in ln)
+    rows = adm[vip + 1:vip + 3]
     drained = [ln.split() for ln in rows if "192.0.2.11:80" in ln]
     assert drained and drained[0][3] == "0", adm  # -> ADDR:PORT Forward Weight …
+    # The browser's click flipped the kernel's flag
+    assert "synproxy" in _service_line(_adm_listing(out, "adm before"), "198.51.100.10:8000")
+    assert "synproxy" not in _service_line(adm, "198.51.100.10:8000"), adm
     audit = (paths.build_dir() / "test-results" / "webui" / "audit.log").read_text()
     assert '"action": "drain"' in audit and '"user": "admin"' in audit
+    assert '"action": "set_synproxy"' in audit

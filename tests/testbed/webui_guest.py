@@ -5,9 +5,11 @@ tests.testbed.webui_guest CONFIG STOPFILE PORT``): it configures the forwarded
 NIC with QEMU user networking's fixed guest address, sets up IPVS services in
 ``lb`` through ``ipvs_synproxy.netlink``, starts HTTP servers in rs1/rs2 and a
 trickle of client requests, serves the console on 0.0.0.0:PORT of the guest
-(the only way in is the host's 127.0.0.1:PORT forward), prints ``CONSOLE READY``
-and waits for STOPFILE. Then it prints ``ipvs-synproxy adm -L -n`` of ``lb``
-between ``--- adm`` markers and exits.
+(the only way in is the host's 127.0.0.1:PORT forward), prints
+``ipvs-synproxy adm -L -n`` of ``lb`` between ``--- adm before`` markers, then
+``CONSOLE READY``, and waits for STOPFILE. Then it prints the listing again
+between ``--- adm`` markers and exits. The FULLNAT service (port 8000) starts
+with the SYN-proxy flag.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def services() -> None:
                 ipvs.add_dest(svc, Dest(addr=IP(rs[name]), port=80, fwd=FwdMethod.MASQ,
                                         weight=2))
         if ipvs.supports(IPVS_CMD_NEW_LADDR):
-            fnat = Service(addr=IP(topology.VIP4), port=8000, scheduler="rr")
+            fnat = Service(addr=IP(topology.VIP4), port=8000, scheduler="rr", synproxy=True)
             ipvs.add_service(fnat)
             for laddr in topology.LADDRS4[:2]:
                 ipvs.add_laddr(fnat, IP(laddr))
@@ -55,6 +57,12 @@ def traffic(stop: threading.Event) -> None:
             with contextlib.suppress(OSError):
                 peers.http_get(vip, port, timeout=3)
         stop.wait(0.3)
+
+
+def print_adm(marker: str) -> None:
+    """``ipvs-synproxy adm -L -n`` of lb between ``MARKER`` and ``--- end MARKER[4:]``."""
+    adm = netns.run("lb", [sys.executable, "-m", "ipvs_synproxy.cli", "adm", "-L", "-n"])
+    print(f"{marker}\n{adm.stdout}--- end {marker[4:]}", flush=True)
 
 
 def main(argv: list[str]) -> int:
@@ -82,14 +90,12 @@ def main(argv: list[str]) -> int:
                     print("CONSOLE FAILED", flush=True)
                     return 1
                 time.sleep(0.5)
+        print_adm("--- adm before")
         print("CONSOLE READY", flush=True)
         deadline = time.monotonic() + 900
         while not os.path.exists(stopfile) and time.monotonic() < deadline:
             time.sleep(0.5)
-        print("--- adm", flush=True)
-        adm = netns.run("lb", [sys.executable, "-m", "ipvs_synproxy.cli", "adm", "-L", "-n"])
-        print(adm.stdout, end="", flush=True)
-        print("--- end adm", flush=True)
+        print_adm("--- adm")
         return 0
     finally:
         stop.set()
