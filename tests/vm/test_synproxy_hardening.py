@@ -777,7 +777,7 @@ class Download:
         try:
             conn = netns.socket_in("client", socket.AF_INET, socket.SOCK_STREAM)
             with conn:
-                conn.settimeout(30)
+                conn.settimeout(15)       # after the unload nothing more comes
                 conn.connect((topology.VIP4, self.port))
                 conn.sendall(b"D" + struct.pack("!Q", 1 << 50))
                 buf = bytearray(256 * 1024)
@@ -830,10 +830,13 @@ def _unload_round(i: int, kind: str) -> None:
         if "syn-sent" in kind:
             _held_during(stack, 8080, 6)
         time.sleep(2)
-        with IPVS(netns="lb") as conn:
-            conn.flush()
         assert _flowing(downloads), f"round {i}: transfers stalled before rmmod"
         assert f.running(), f"round {i}: the flood ended before rmmod"
+        # rmmod needs the services gone (they hold the scheduler module); from
+        # here IPVS drops the connections' packets (no destination), but the
+        # connections, their data in flight and their timers stay to the unload
+        with IPVS(netns="lb") as conn:
+            conn.flush()
         _unload_and_reload()
     for d in downloads:
         d.thread.join(60)
