@@ -307,6 +307,64 @@ def test_a_new_handshake_replaces_a_closing_connection(
         assert conn_states(sport) == [state]
 
 
+def _send_pinned(cpu: int, frames: list[bytes], barrier: threading.Barrier) -> None:
+    """Send frames from the client's eth0 on cpu, one per barrier round."""
+    import os
+
+    os.sched_setaffinity(0, {cpu})      # this thread only
+    with netns.netns("client"):
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    with sock:
+        sock.bind(("eth0", 0))
+        for f in frames:
+            barrier.wait(10)
+            sock.send(f)
+
+
+def test_a_handshake_ack_and_first_data_arriving_together_open_one_connection(
+        ipvs: IPVS, real_servers: dict) -> None:  # noqa: F811
+    """A real client sends its handshake ACK from softirq and its first data
+    from the writing thread, so the balancer may check both on two CPUs at
+    once: each client tuple still gets exactly one connection (two would be
+    scheduled apart and the transfer would stall, as seen after reloads)."""
+    import os
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs")
+    synproxy_service(ipvs, NET4, FwdMethod.FULLNAT)
+    n, base = 150, 46500
+    cap = Capture("client")
+    with nft("client", f"tcp sport {base}-{base + n - 1} tcp flags rst drop", hook="output"):
+        try:
+            _send_frames([_frame(4, _seg(base + k, 80, 1000 * k, 0, SYN, b"\x02\x04\x05\xb4"))
+                          for k in range(n)])
+            assert wait_for(lambda: len(_synacks(cap.frames)) >= n, 60), \
+                f"{len(_synacks(cap.frames))} of {n} SYNs answered"
+        finally:
+            cap.stop()
+        synacks = _synacks(cap.frames)
+        acks, data = [], []
+        for k in range(n):
+            cookie = synacks[base + k]["TCP"].seq
+            acks.append(_frame(4, _seg(base + k, 80, 1000 * k + 1, cookie + 1, ACK)))
+            data.append(_frame(4, _seg(base + k, 80, 1000 * k + 1, cookie + 1, ACK | 0x08,
+                                       payload=b"GET / HTTP/1.0\r\n\r\n")))
+        before = ext_stats_file()
+        barrier = threading.Barrier(2)
+        senders = [threading.Thread(target=_send_pinned, args=(cpu, frames, barrier))
+                   for cpu, frames in ((0, acks), (1, data))]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join(120)
+        assert wait_for(lambda: delta(before, "synproxy_conn_proxied") >= n, 60)
+        time.sleep(1)
+        dups = duplicate_conns()
+        proxied = delta(before, "synproxy_conn_proxied")
+    assert dups == [], f"{len(dups)} of {n} tuples opened twice: {dups[:5]}"
+    assert proxied == n
+
+
 # ---- SYN retransmission, held early data, resets -------------------------------------------
 
 def drop_first_syns(port: int, n: int) -> str:
