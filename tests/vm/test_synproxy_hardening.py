@@ -23,6 +23,7 @@ import pytest
 from ipvs_synproxy.model import FwdMethod
 from ipvs_synproxy.netlink import IPVS
 from ipvs_synproxy.testbed import flood, netns, peers, topology
+from ipvs_synproxy.testbed.transfer import BLOB, BlobServer, recv_exact
 from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
     NETS,
     Capture,
@@ -35,11 +36,8 @@ from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
 )
 from tests.vm.test_synproxy import (
     ACK,
-    BLOB,
     METHODS,
     SYN,
-    BlobServer,
-    _recv_exact,
     _seg,
     _synacks,
     synproxy_service,
@@ -456,7 +454,7 @@ def test_several_held_segments_reach_the_server_in_order(
                 s.connect((topology.VIP4, blob_rs1))
                 for seg in first:
                     s.send(seg)
-                digest = _recv_exact(s, 32).hex()
+                digest = recv_exact(s, 32).hex()
     finally:
         rs_frames = rs1.stop()
     assert digest == hashlib.sha256(b"".join(chunks)).hexdigest(), "the server read other bytes"
