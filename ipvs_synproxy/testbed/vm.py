@@ -39,6 +39,10 @@ KERNEL_PROBLEM = re.compile(
     r"INFO: task .* blocked|rcu: INFO|Poison overwritten|Redzone|Object padding|"
     r"slab_out_of_bounds|use-after-free|double free|Freepointer corrupt)"
 )
+# What tests/vm/conftest.py writes to the kernel log as each test starts.
+TEST_MARK = "ipvs-synproxy test: "
+# Lines of an oops that say where it happened.
+OOPS_WHERE = re.compile(r"(\bRIP: |\bat [\w/.-]+\.[ch]:\d+|^\[[ \d.]+\]  ip_vs\w*\+)")
 # Guest boot flags the testbed contract requires.
 KERNEL_CMDLINE = (
     "console=ttyS0 panic=-1 oops=panic panic_on_warn=1 slub_debug=FZPU "
@@ -162,6 +166,23 @@ def _report(job: Path, log: str, problems: list[str]) -> None:
         what = "guest died before the command finished"
     print(f"vm: {what} ({job / 'console.log'}):", file=sys.stderr)
     print("\n".join("  | " + ln for ln in excerpt), file=sys.stderr)
+    # Last, because a CI summary often keeps only the end of the output.
+    for ln in _summary(lines, problems):
+        print(f"vm: {ln}", file=sys.stderr)
+
+
+def _summary(lines: list[str], problems: list[str]) -> list[str]:
+    """The running test, the first complaint and where it happened, in a few lines."""
+    out = []
+    started = [ln.split(TEST_MARK, 1)[1] for ln in lines if TEST_MARK in ln]
+    if started:
+        out.append(f"last test started: {started[-1]}")
+    if problems:
+        out.append(f"first complaint: {problems[0].strip()}")
+        first = next(i for i, ln in enumerate(lines) if KERNEL_PROBLEM.search(ln))
+        where = [ln.strip() for ln in lines[first:first + 200] if OOPS_WHERE.search(ln)]
+        out.extend(f"  {ln}" for ln in where[:8])
+    return out
 
 
 def kernel_problems(log: str) -> list[str]:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from ipvs_synproxy.testbed import netns, peers, topology
+from ipvs_synproxy.testbed.vm import TEST_MARK
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -20,6 +21,16 @@ def pytest_configure(config: pytest.Config) -> None:
             "tests/vm run inside the testbed guest: "
             "ipvs-synproxy vm exec --topology -- python -m pytest tests/vm"
         )
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    """Marks each test's start in the kernel log: a guest that dies leaves no
+    test report, and the console then tells which test was running."""
+    try:
+        with open("/dev/kmsg", "w") as kmsg:
+            kmsg.write(f"{TEST_MARK}{nodeid}\n")
+    except OSError:
+        pass
 
 
 @pytest.fixture(scope="session")
