@@ -125,3 +125,26 @@ def test_qemu_forwards_only_the_asked_ports_to_loopback(tmp_path: Path) -> None:
     assert nic.startswith("user,restrict=on,") and "hostfwd=tcp:127.0.0.1:8088-:8088" in nic
     argv = vm.qemu_command(kernel, tmp_path / "initrd", tmp_path, vm.VmOptions())
     assert argv[argv.index("-nic") + 1] == "none"
+
+
+def test_a_failed_run_ends_with_the_running_test_and_where_it_broke() -> None:
+    log = [
+        "[   70.1] ipvs-synproxy test: tests/vm/test_a.py::test_one",
+        "[   80.2] ipvs-synproxy test: tests/vm/test_b.py::test_two[x]",
+        "[   90.3] WARNING: CPU: 1 PID: 7 at net/core/skbuff.c:123 skb_foo+0x1/0x2",
+        "[   90.3] Modules linked in: ip_vs(O)",
+        "[   90.3] RIP: 0010:skb_foo+0x1/0x2",
+        "[   90.3] Call Trace:",
+        "[   90.3]  <IRQ>",
+        "[   90.3]  ip_vs_synproxy_timer+0x10/0x20 [ip_vs]",
+        "[   90.3]  ? ip_vs_conn_expire+0x10/0x20 [ip_vs]",
+        "[   90.3]  call_timer_fn+0x1/0x2",
+    ]
+    out = vm._summary(log, vm.kernel_problems("\n".join(log)))
+    assert out[0] == "last test started: tests/vm/test_b.py::test_two[x]"
+    assert out[1].startswith("first complaint: [   90.3] WARNING: CPU: 1")
+    assert [ln.split("] ", 1)[1].strip() for ln in out[2:]] == [
+        "WARNING: CPU: 1 PID: 7 at net/core/skbuff.c:123 skb_foo+0x1/0x2",
+        "RIP: 0010:skb_foo+0x1/0x2",
+        "ip_vs_synproxy_timer+0x10/0x20 [ip_vs]"]
+    assert vm._summary(log[:2], []) == ["last test started: tests/vm/test_b.py::test_two[x]"]
