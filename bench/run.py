@@ -117,8 +117,8 @@ def summary_line(rec: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--flood-seconds", type=float, default=4.0)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--flood-seconds", type=float, default=6.0)
     p.add_argument("--legit", type=int, default=200, help="connections per connect-time set")
     p.add_argument("--connect-timeout", type=float, default=5.0)
     p.add_argument("--conn-seconds", type=float, default=3.0)

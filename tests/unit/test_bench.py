@@ -91,6 +91,17 @@ def test_targets_name_what_is_missed(patched: int, extra: int, met: bool) -> Non
     assert all(t["met"] for t in res["targets"] if t is not mem)
 
 
+def test_ratios_are_medians_of_the_rounds_own_ratios() -> None:
+    raw = raw_run()
+    per_s = {OURS[0]: (300, 150, 600), STOCK: (100, 300, 200)}
+    for r in raw["records"]:
+        if r["contender"] in per_s:
+            r["conn_rate"]["per_s"] = per_s[r["contender"]][r["round"]]
+    rat = report.analyse(raw)["ratios"]
+    # rounds: 3, 0.5, 3 -> 3 (the medians of each side, 300/200, would say 1.5)
+    assert rat[f"{OURS[0]}/{STOCK}:conn_per_s"] == pytest.approx(3.0)
+
+
 def test_compare_flags_ratios_that_moved_more_than_20_percent() -> None:
     a = report.analyse(raw_run())
     ok, _ = report.compare(a, copy.deepcopy(a))
