@@ -351,7 +351,9 @@ def core_rmem_max(value: int | None) -> Iterator[None]:
 
 
 @contextmanager
-def tcpdump(ns: str, path: str, expr: str) -> Iterator[None]:
+def tcpdump(ns: str, path: str, expr: str, linger: float = 0.5) -> Iterator[None]:
+    """Capture into path while the block runs, and linger seconds after it
+    (for the last packets to be written out)."""
     proc = subprocess.Popen(["ip", "netns", "exec", ns, "tcpdump", "-i", "eth0", "-s", "128",
                              "-U", "-w", path, expr],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -360,7 +362,7 @@ def tcpdump(ns: str, path: str, expr: str) -> Iterator[None]:
         proc.stderr.readline()          # "listening on eth0 ..."
         yield
     finally:
-        time.sleep(0.5)
+        time.sleep(linger)
         proc.terminate()
         proc.wait(10)
 
@@ -490,7 +492,8 @@ def test_transfers_arrive_intact(ipvs: IPVS, blob_servers: None, method: str,  #
     with ns_sysctls(("client",), **sc.client), ns_sysctls(("rs1", "rs2"), **sc.rs), \
             lb_sysctls(**sc.lb), core_rmem_max(sc.rmem_max), contextlib.ExitStack() as caps:
         for ns, path in pcaps.items():
-            caps.enter_context(tcpdump(ns, path, f"tcp port 8080 and {syns}"))
+            caps.enter_context(tcpdump(ns, path, f"tcp port 8080 and {syns}", linger=0))
+        caps.callback(time.sleep, 0.5)  # one linger for all three, before they stop
         for direction in ("download", "upload"):
             transfer(net, 8080, direction)
     after = ext_stats_file()
