@@ -1,20 +1,37 @@
 """One measurement each: a flood's rate and cost, connections, a transfer.
 
-Everything runs in the guest against the standard topology. The balancer's CPU
-budget is the whole guest (2 vCPUs): lb, the client and the real servers are
-namespaces of one kernel, and veth delivers a frame in the sender's context, so
-a flood's receive path on lb runs on the generator's vCPU.
+Everything runs in the guest against the standard topology: lb, the client and
+the real servers are namespaces of one kernel. veth delivers a frame in the
+sender's context, so a flood's path through lb would run on the generator's
+vCPU; while a flood's cost is measured, RPS on lb's client-side veth moves it
+(and all it sets off: the answer, the real server's part, the client's drop
+of the answer) to LB_CPU, whose softirq time is then the balancer's cost.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
-from bench.contenders import CONN_PORT, NF, OURS, RS_NAMES, STOCK, XFER_PORT, Contender
+from bench.contenders import (
+    BASELINE,
+    CONN_PORT,
+    CONTENDERS,
+    NF,
+    OURS,
+    RS_NAMES,
+    STOCK,
+    XFER_PORT,
+    Contender,
+    add_drop,
+    del_drop,
+)
 from ipvs_synproxy.testbed import netns, topology
 from ipvs_synproxy.testbed.flood import Flood
 from ipvs_synproxy.testbed.transfer import MB, ConnTiming, connect_once, transfer
@@ -25,6 +42,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # legitimate clients and servers share LEGIT_CPU, so their wake-ups need no
 # cross-vCPU interrupt, which a busy host delivers late.
 LEGIT_CPU, FLOOD_CPU = 0, 1
+# The vCPU that does lb's part of a flood while its cost is measured (RPS).
+LB_CPU = LEGIT_CPU
+LB_IFACE = "eth0"       # lb's client-side veth
 
 
 def pin(cpu: int) -> None:
@@ -51,6 +71,33 @@ def cpu_busy_seconds() -> float:
     assert fields[0] == "cpu"
     user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
     return (user + nice + system + irq + softirq) / CLK_TCK
+
+
+def softirq_seconds(cpu: int) -> float:
+    """Softirq CPU seconds of one vCPU (where a packet's receive path runs)."""
+    with open("/proc/stat") as f:
+        for line in f:
+            fields = line.split()
+            if fields[0] == f"cpu{cpu}":
+                return int(fields[7]) / CLK_TCK
+    raise KeyError(f"cpu{cpu}")
+
+
+def _rps(mask: int) -> None:
+    # /sys/class/net shows a namespace's devices only as ip netns exec mounts it
+    path = f"/sys/class/net/{LB_IFACE}/queues/rx-0/rps_cpus"
+    subprocess.run(["ip", "netns", "exec", "lb", "sh", "-c", f"echo {mask:x} > {path}"],
+                   check=True, capture_output=True, timeout=60)
+
+
+@contextmanager
+def lb_receive_on(cpu: int) -> Iterator[None]:
+    """lb's receive path from the client side (and all it triggers) on ``cpu``."""
+    _rps(1 << cpu)
+    try:
+        yield
+    finally:
+        _rps(0)
 
 
 def _proc_lines(ns: str, path: str) -> list[str]:
@@ -83,13 +130,44 @@ def kernel_synacks(c: Contender) -> int:
 
 
 def flood_rate(c: Contender, seconds: float) -> dict[str, Any]:
-    """Flood the VIP flat out (one trafgen process) for ``seconds``."""
-    k0, cpu0 = kernel_synacks(c), cpu_busy_seconds()
-    flood = start_flood(Flood("syn", duration=seconds))
-    res = flood.wait()
-    cpu1, k1 = cpu_busy_seconds(), kernel_synacks(c)
+    """Flood the VIP flat out (one trafgen process on FLOOD_CPU) for ``seconds``
+    with lb's part on LB_CPU: its softirq time there is what the flood cost the
+    balancer (the run's own Python, trafgen's set-up and the counters' reading
+    are process time, not softirq)."""
+    with lb_receive_on(LB_CPU):
+        k0, cpu0, lb0 = kernel_synacks(c), cpu_busy_seconds(), softirq_seconds(LB_CPU)
+        flood = start_flood(Flood("syn", duration=seconds))
+        res = flood.wait()
+        lb1, cpu1, k1 = softirq_seconds(LB_CPU), cpu_busy_seconds(), kernel_synacks(c)
     return {"sent": res.sent, "seconds": res.seconds, "pps": res.pps,
-            "replies": res.replies, "cpu_busy_s": cpu1 - cpu0, "kernel_synacks": k1 - k0}
+            "replies": res.replies, "cpu_busy_s": cpu1 - cpu0,
+            "lb_softirq_s": lb1 - lb0, "kernel_synacks": k1 - k0}
+
+
+def _merged(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {k: sum(p[k] for p in parts)
+           for k in ("sent", "seconds", "cpu_busy_s", "lb_softirq_s", "kernel_synacks")}
+    replies = [p["replies"] for p in parts]
+    out["replies"] = None if None in replies else sum(replies)
+    out["pps"] = out["sent"] / out["seconds"] if out["seconds"] else 0.0
+    out["chunks"] = len(parts)
+    return out
+
+
+def flood_costs(c: Contender, seconds: float, chunks: int) -> tuple[dict[str, Any],
+                                                                    dict[str, Any]]:
+    """The baseline flood (dropped in lb's raw PREROUTING) and ``c``'s flood,
+    ``seconds`` each, in ``chunks`` alternating pieces: the host's speed moves
+    within seconds (other guests), and alternating lets both meet the same."""
+    base, flood = [], []
+    for _ in range(chunks):
+        add_drop()
+        try:
+            base.append(flood_rate(CONTENDERS[BASELINE], seconds / chunks))
+        finally:
+            del_drop()
+        flood.append(flood_rate(c, seconds / chunks))
+    return _merged(base), _merged(flood)
 
 
 # At most this long per set of connections: a contender whose legitimate

@@ -7,12 +7,14 @@ README's ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` markers, and prints
 the table. ``python -m bench.report --compare A.json B.json`` compares the ratios
 of two results files.
 
-Per round, a contender's flood is set against the baseline flood measured
-right before it (the flood dropped in lb's raw PREROUTING: the generator's and
-veth's own cost). Per-SYN balancer cost = 1/rate - 1/rate(baseline);
-SYN/ACKs per second at saturation = answered fraction / per-SYN cost; CPU
-seconds per million SYNs = (busy CPU seconds per SYN - the baseline's) x 1e6.
-Figures are medians over the rounds with their range (min-max).
+While a flood's cost is measured, lb's part of it runs on one vCPU (RPS, see
+bench.measure). Per-SYN balancer cost = that vCPU's softirq seconds / SYNs
+sent; SYN/ACKs per second at saturation = SYNs answered / those seconds (what
+one vCPU doing only this would answer); CPU seconds per million SYNs = the
+whole guest's busy seconds (generator included) per SYN x 1e6. The baseline
+(the flood dropped in lb's raw PREROUTING) shows the part every contender pays
+to receive a packet at all. Figures are medians over the rounds with their
+range (min-max); ratios are medians of the rounds' own ratios.
 """
 
 from __future__ import annotations
@@ -76,16 +78,20 @@ def derive(raw: Record) -> dict[str, list[Record]]:
         if "flood" in r:
             f = r["flood"]
             b = r.get("baseline_flood") or base[(r["round"], r["block"])]["flood"]
-            cost = 1 / f["pps"] - 1 / b["pps"]
             replies = f["replies"] if f["replies"] is not None else f["kernel_synacks"]
-            answered = min(replies, f["sent"]) / f["sent"]
+            answered = min(replies, f["sent"])
             fig["flood_pps"] = f["pps"]
-            fig["baseline_pps"] = b["pps"]
-            fig["answered_pct"] = 100 * answered
-            fig["cost_us"] = 1e6 * cost
-            fig["synack_per_s"] = answered / cost if cost > 0 else math.inf
-            fig["cpu_s_per_msyn"] = 1e6 * (f["cpu_busy_s"] / f["sent"]
-                                           - b["cpu_busy_s"] / b["sent"])
+            fig["answered_pct"] = 100 * answered / f["sent"]
+            fig["cost_us"] = 1e6 * f["lb_softirq_s"] / f["sent"]
+            fig["baseline_cost_us"] = 1e6 * b["lb_softirq_s"] / b["sent"]
+            fig["synack_per_s"] = (answered / f["lb_softirq_s"] if f["lb_softirq_s"] > 0
+                                   else math.inf)
+            fig["cpu_s_per_msyn"] = 1e6 * f["cpu_busy_s"] / f["sent"]
+            # The same in units of the baseline measured alongside (alternating
+            # with it): what ratios between contenders use, so that the host's
+            # speed when each was measured divides out.
+            fig["synack_norm"] = fig["synack_per_s"] * fig["baseline_cost_us"] / 1e6
+            fig["cpu_norm"] = f["cpu_busy_s"] / f["sent"] / (b["cpu_busy_s"] / b["sent"])
         if "connect_flood" in r:
             cf = _conn_stats(r["connect_flood"], timeout)
             fig["legit_ok_pct"] = cf["ok_pct"]
@@ -122,21 +128,27 @@ RATIO_METRICS = {
 }
 
 
+# Figures whose ratios come from their baseline-normalized form (derive()).
+RATIO_SOURCE = {"synack_per_s": "synack_norm", "cpu_s_per_msyn": "cpu_norm"}
+
+
 def ratios(per_round: dict[str, list[Record]]) -> dict[str, float]:
     """Ours over (b) and (c), ``<ours>/<theirs>:<metric>``: the median of the
     per-round ratios. Both figures of one round were measured minutes apart,
     so the host's slower drift (other guests) divides out; a median of each
-    side's own medians would keep it."""
+    side's own medians would keep it. Flood figures are taken relative to the
+    baseline that alternated with each flood, for the host's faster moves."""
     out = {}
     for ours in OURS:
         for theirs in (NF, STOCK):
             theirs_by_round = {f["round"]: f for f in per_round.get(theirs, [])}
-            for m in RATIO_METRICS:
+            for metric in RATIO_METRICS:
+                m = RATIO_SOURCE.get(metric, metric)
                 vals = [f[m] / t[m] for f in per_round.get(ours, [])
                         if (t := theirs_by_round.get(f["round"])) is not None
                         and m in f and t.get(m)]
                 if vals:
-                    out[f"{ours}/{theirs}:{m}"] = statistics.median(vals)
+                    out[f"{ours}/{theirs}:{metric}"] = statistics.median(vals)
     return out
 
 
@@ -187,9 +199,9 @@ def _cell(s: dict[str, dict[str, float]], key: str) -> str:
 ROWS = (
     ("synack_per_s", "SYN/ACKs/s at saturation (one vCPU)"),
     ("flood_pps", "flat-out flood reached, pps"),
-    ("baseline_pps", "baseline flood (dropped in raw), pps"),
-    ("cost_us", "balancer cost per SYN, µs"),
-    ("cpu_s_per_msyn", "CPU s per million SYNs (guest)"),
+    ("cost_us", "balancer vCPU per SYN, µs"),
+    ("baseline_cost_us", "baseline (received, dropped in raw), vCPU µs per SYN"),
+    ("cpu_s_per_msyn", "CPU s per million SYNs (guest, generator included)"),
     ("answered_pct", "flood SYNs answered, %"),
     ("legit_ok_pct", "legit connections ok under flood, %"),
     ("legit_flood_pps", "flood rate during those, pps"),

@@ -7,8 +7,9 @@ modules are reloaded and the real servers' listeners restarted before each
 measurement (an empty connection table, no half-open requests left over).
 Each contender, in order: connect times without a flood, connections per
 second, one bulk download, the baseline flood (dropped in lb's raw PREROUTING)
-and then a flat-out flood of the contender, each with its rate and CPU cost,
-connect times during a flat-out flood. The control (patched modules, proxy
+and then a flat-out flood of the contender, each with its rate and its cost on
+the balancer's vCPU (bench.measure.flood_rate), connect times during a flat-out
+flood. The control (patched modules, proxy
 off) has no flood. The raw records go to the
 output file (JSON); ``bench.report`` turns them into figures.
 """
@@ -35,9 +36,7 @@ from bench.contenders import (
     RS_NAMES,
     STOCK,
     XFER_PORT,
-    add_drop,
     conn_object_size,
-    del_drop,
     load_ipvs,
     unload_ipvs,
 )
@@ -83,15 +82,8 @@ def measure_contender(name: str, args: argparse.Namespace) -> dict[str, Any]:
             rec["conn_rate"] = measure.conn_rate(args.conn_seconds)
             rec["throughput"] = measure.throughput(args.xfer_mb)
         if c.flood:
-            # The baseline right before the contender's flood: the host's speed
-            # drifts (other guests), and the cost is a difference of the two.
-            add_drop()
-            try:
-                rec["baseline_flood"] = measure.flood_rate(CONTENDERS[BASELINE],
-                                                           args.flood_seconds)
-            finally:
-                del_drop()
-            rec["flood"] = measure.flood_rate(c, args.flood_seconds)
+            rec["baseline_flood"], rec["flood"] = measure.flood_costs(
+                c, args.flood_seconds, args.flood_chunks)
         if name != BASELINE and c.flood:
             rec["connect_flood"] = measure.legit_during_flood(args.legit, args.connect_timeout)
     finally:
@@ -103,7 +95,9 @@ def summary_line(rec: dict[str, Any]) -> str:
     s = str(rec["contender"]) + ":"
     if "flood" in rec:
         f = rec["flood"]
-        s += (f" baseline {rec['baseline_flood']['pps']:.0f} pps, flood {f['pps']:.0f} pps, "
+        b = rec["baseline_flood"]
+        s += (f" baseline {b['pps']:.0f} pps {1e6 * b['lb_softirq_s'] / b['sent']:.1f} us/SYN,"
+              f" flood {f['pps']:.0f} pps {1e6 * f['lb_softirq_s'] / f['sent']:.1f} us/SYN, "
               f"replies {f['replies']}/{f['sent']}, cpu {f['cpu_busy_s']:.2f} s;")
     if "conn_rate" in rec:
         s += (f" {rec['conn_rate']['per_s']:.0f} conn/s, "
@@ -118,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--flood-seconds", type=float, default=6.0)
+    p.add_argument("--flood-seconds", type=float, default=6.0,
+                   help="per contender, and as long for its baseline")
+    p.add_argument("--flood-chunks", type=int, default=3,
+                   help="alternating pieces of baseline and contender flood")
     p.add_argument("--legit", type=int, default=200, help="connections per connect-time set")
     p.add_argument("--connect-timeout", type=float, default=5.0)
     p.add_argument("--conn-seconds", type=float, default=3.0)

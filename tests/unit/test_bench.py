@@ -18,10 +18,13 @@ def _conns(ms: float, n: int = 100, failed: int = 0) -> dict[str, Any]:
             "total_s": [2 * ms / 1e3] * n, "ok_flags": ok, "errors": []}
 
 
-def _flood(pps: float, cpu_per_syn: float, answered: float = 1.0) -> dict[str, Any]:
+def _flood(pps: float, cpu_per_syn: float, answered: float = 1.0,
+           lb_per_syn: float | None = None) -> dict[str, Any]:
+    """lb_per_syn: softirq seconds per SYN on lb's vCPU (default: 1/pps, saturated)."""
     sent = int(pps * 4)
+    lb = 1 / pps if lb_per_syn is None else lb_per_syn
     return {"sent": sent, "seconds": 4.0, "pps": pps, "replies": int(sent * answered),
-            "cpu_busy_s": cpu_per_syn * sent, "kernel_synacks": 0}
+            "cpu_busy_s": cpu_per_syn * sent, "lb_softirq_s": lb * sent, "kernel_synacks": 0}
 
 
 def _rec(name: str, rnd: int, block: str, pps: float | None, conn_s: float = 300,
@@ -63,16 +66,29 @@ def test_percentile_is_nearest_rank() -> None:
     assert report.percentile([3.0], 99) == 3.0
 
 
-def test_per_syn_cost_subtracts_the_baseline() -> None:
+def test_per_syn_cost_is_the_balancer_vcpus_softirq_time() -> None:
     res = report.analyse(raw_run())
     s = res["summary"]
-    # 1/30000 - 1/40000 s = 8.33 us -> 120000 SYN/ACKs/s
-    assert s[OURS[0]]["cost_us"]["median"] == pytest.approx(8.333, rel=1e-3)
-    assert s[OURS[0]]["synack_per_s"]["median"] == pytest.approx(120000, rel=1e-3)
-    assert s[NF]["synack_per_s"]["median"] == pytest.approx(40000, rel=1e-3)
-    assert s[OURS[0]]["cpu_s_per_msyn"]["median"] == pytest.approx(8.333, rel=1e-3)
-    assert res["ratios"][f"{OURS[0]}/{NF}:synack_per_s"] == pytest.approx(3.0, rel=1e-3)
+    # lb's vCPU saturated at 30000 pps: 33.3 us per SYN -> 30000 SYN/ACKs/s
+    assert s[OURS[0]]["cost_us"]["median"] == pytest.approx(33.333, rel=1e-3)
+    assert s[OURS[0]]["synack_per_s"]["median"] == pytest.approx(30000, rel=1e-3)
+    assert s[NF]["synack_per_s"]["median"] == pytest.approx(20000, rel=1e-3)
+    assert s[OURS[0]]["baseline_cost_us"]["median"] == pytest.approx(25.0, rel=1e-3)
+    # the whole guest's busy time per SYN, nothing subtracted
+    assert s[OURS[0]]["cpu_s_per_msyn"]["median"] == pytest.approx(33.333, rel=1e-3)
+    assert res["ratios"][f"{OURS[0]}/{NF}:synack_per_s"] == pytest.approx(1.5, rel=1e-3)
     assert "synack_per_s" not in s[CONTROL]
+
+
+def test_a_balancer_faster_than_the_generator_is_rated_by_its_own_time() -> None:
+    raw = raw_run()
+    for r in raw["records"]:
+        if r["contender"] == OURS[0]:
+            # the generator's 30000 pps kept lb's vCPU busy half the time
+            r["flood"] = _flood(30000, 1 / 30000, lb_per_syn=0.5 / 30000)
+    s = report.analyse(raw)["summary"]
+    assert s[OURS[0]]["synack_per_s"]["median"] == pytest.approx(60000, rel=1e-3)
+    assert s[OURS[0]]["answered_pct"]["median"] == pytest.approx(100)
 
 
 def test_failed_connections_count_as_the_timeout() -> None:
@@ -91,6 +107,19 @@ def test_targets_name_what_is_missed(patched: int, extra: int, met: bool) -> Non
     assert all(t["met"] for t in res["targets"] if t is not mem)
 
 
+def test_flood_ratios_divide_out_the_hosts_speed_at_each_measurement() -> None:
+    raw = raw_run()
+    for r in raw["records"]:
+        if r["contender"] == NF:
+            # (b) measured while the host ran at half speed: its baseline, too
+            r["flood"] = _flood(10000, 2 / 20000)
+            r["baseline_flood"] = _flood(20000, 2 / 40000)
+    res = report.analyse(raw)
+    assert res["summary"][NF]["synack_per_s"]["median"] == pytest.approx(10000, rel=1e-3)
+    assert res["ratios"][f"{OURS[0]}/{NF}:synack_per_s"] == pytest.approx(1.5, rel=1e-3)
+    assert res["ratios"][f"{OURS[0]}/{NF}:cpu_s_per_msyn"] == pytest.approx(2 / 3, rel=1e-3)
+
+
 def test_ratios_are_medians_of_the_rounds_own_ratios() -> None:
     raw = raw_run()
     per_s = {OURS[0]: (300, 150, 600), STOCK: (100, 300, 200)}
@@ -106,7 +135,7 @@ def test_compare_flags_ratios_that_moved_more_than_20_percent() -> None:
     a = report.analyse(raw_run())
     ok, _ = report.compare(a, copy.deepcopy(a))
     assert ok
-    b = report.analyse(raw_run(scale=1.2))  # (a) faster: its ratios to (b), (c) move
+    b = report.analyse(raw_run(scale=1.3))  # (a) faster: its ratios to (b), (c) move
     ok, lines = report.compare(a, b)
     assert not ok and any(line.startswith("DIFF") for line in lines)
 
