@@ -58,6 +58,23 @@ if [ "$SP_MODULES" = patched ]; then
 	cp "$SP_MODDIR"/modules/*.ko "$kdir/updates/ipvs-synproxy/" || fail "copy modules failed"
 	cp "$SP_MODDIR"/depmod/modules.* "$kdir/" || fail "copy depmod output failed"
 fi
+# Hold every IPv4/IPv6 netfilter hook point from the start, in the root
+# namespace (empty chains, no packet of the topology passes there). The first
+# hook of a kind registered anywhere, or the last one removed, flips a jump
+# label in the running kernel's text; under QEMU's software emulation a vCPU
+# that runs that site at a flood's rate while it is patched can be left
+# re-executing a stale int3 there for good (both vCPUs stuck in
+# ip_local_deliver, seen twice with rmmod ip_vs under a flood). Held, IPVS
+# coming and going never changes those labels.
+nft -f - <<'EOF' || fail "nft: holding the netfilter hook points failed"
+table inet testbed_hooks {
+	chain hold_prerouting { type filter hook prerouting priority 0; policy accept; }
+	chain hold_input { type filter hook input priority 0; policy accept; }
+	chain hold_forward { type filter hook forward priority 0; policy accept; }
+	chain hold_output { type filter hook output priority 0; policy accept; }
+	chain hold_postrouting { type filter hook postrouting priority 0; policy accept; }
+}
+EOF
 modprobe ip_vs || fail "modprobe ip_vs failed"
 if [ "$SP_MODULES" = patched ]; then
 	# Our build is out of tree: the kernel marks it with taint flag O; the

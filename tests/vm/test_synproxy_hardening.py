@@ -924,6 +924,16 @@ def _unload_round(i: int, kind: str) -> None:
 ROUNDS = ("transfers+flood", "transfers+flood", "transfers+flood+syn-sent")
 
 
+def test_the_guest_holds_every_hook_point_so_unloading_patches_no_kernel_text() -> None:
+    """guest_init.sh's empty root-namespace chains: without them rmmod of
+    ip_vs under a flood flips netfilter's jump labels while both vCPUs run
+    them, which QEMU's emulation can turn into a livelock (see guest_init.sh)."""
+    out = subprocess.run(["nft", "list", "table", "inet", "testbed_hooks"],
+                         capture_output=True, text=True, check=True).stdout
+    hooks = {ln.split("hook", 1)[1].split()[0] for ln in out.splitlines() if " hook " in ln}
+    assert hooks == {"prerouting", "input", "forward", "output", "postrouting"}
+
+
 def test_unloading_during_transfers_and_floods_repeatedly(topo: None) -> None:
     """Runs last: unloads and reloads the patched modules three times while
     data flows through SYN proxy connections and a mixed flood runs; in the
