@@ -161,29 +161,34 @@ class _Tail:
 def _report(job: Path, log: str, problems: list[str]) -> None:
     """Show the guest log around the first kernel complaint (or its end)."""
     lines = log.splitlines()
-    if problems:
-        first = next(i for i, ln in enumerate(lines) if KERNEL_PROBLEM.search(ln))
+    first = _first_problem(lines) if problems else None
+    if first is not None:
         excerpt = lines[max(0, first - 8): first + 72]
         what = "kernel problems in the guest log"
     else:
         excerpt = lines[-60:]
-        what = "guest died before the command finished"
+        what = "kernel problems in the guest's dmesg" if problems else \
+            "guest died before the command finished"
     print(f"vm: {what} ({job / 'console.log'}):", file=sys.stderr)
     print("\n".join("  | " + ln for ln in excerpt), file=sys.stderr)
     # Last, because a CI summary often keeps only the end of the output.
-    for ln in _summary(lines, problems):
+    for ln in _summary(lines, first):
         print(f"vm: {ln}", file=sys.stderr)
 
 
-def _summary(lines: list[str], problems: list[str]) -> list[str]:
-    """The running test, the first complaint and where it happened, in a few lines."""
+def _first_problem(lines: list[str]) -> int | None:
+    return next((i for i, ln in enumerate(lines) if KERNEL_PROBLEM.search(ln)), None)
+
+
+def _summary(lines: list[str], first: int | None) -> list[str]:
+    """The running test, the first complaint (line index first) and where it
+    happened, in a few lines."""
     out = []
     started = [ln.split(TEST_MARK, 1)[1] for ln in lines if TEST_MARK in ln]
     if started:
         out.append(f"last test started: {started[-1]}")
-    if problems:
-        out.append(f"first complaint: {problems[0].strip()}")
-        first = next(i for i, ln in enumerate(lines) if KERNEL_PROBLEM.search(ln))
+    if first is not None:
+        out.append(f"first complaint: {lines[first].strip()}")
         where = [ln.strip() for ln in lines[first:first + 200] if OOPS_WHERE.search(ln)]
         out.extend(f"  {ln}" for ln in where[:8])
     return out

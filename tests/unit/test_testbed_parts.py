@@ -140,11 +140,12 @@ def test_a_failed_run_ends_with_the_running_test_and_where_it_broke() -> None:
         "[   90.3]  ? ip_vs_conn_expire+0x10/0x20 [ip_vs]",
         "[   90.3]  call_timer_fn+0x1/0x2",
     ]
-    out = vm._summary(log, vm.kernel_problems("\n".join(log)))
+    out = vm._summary(log, vm._first_problem(log))
     assert out[0] == "last test started: tests/vm/test_b.py::test_two[x]"
     assert out[1].startswith("first complaint: [   90.3] WARNING: CPU: 1")
     assert [ln.split("] ", 1)[1].strip() for ln in out[2:]] == [
         "WARNING: CPU: 1 PID: 7 at net/core/skbuff.c:123 skb_foo+0x1/0x2",
         "RIP: 0010:skb_foo+0x1/0x2",
         "ip_vs_synproxy_timer+0x10/0x20 [ip_vs]"]
-    assert vm._summary(log[:2], []) == ["last test started: tests/vm/test_b.py::test_two[x]"]
+    assert vm._first_problem(log[:2]) is None
+    assert vm._summary(log[:2], None) == ["last test started: tests/vm/test_b.py::test_two[x]"]
