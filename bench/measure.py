@@ -64,23 +64,25 @@ def start_flood(flood: Flood) -> Flood:
         os.sched_setaffinity(0, old)
 
 
+def _stat_ticks(name: str) -> list[int]:
+    """The tick counters of one /proc/stat line ("cpu": all CPUs, "cpuN": one)."""
+    with open("/proc/stat") as f:
+        for line in f:
+            fields = line.split()
+            if fields[0] == name:
+                return [int(v) for v in fields[1:]]
+    raise KeyError(name)
+
+
 def cpu_busy_seconds() -> float:
     """CPU seconds the guest spent busy (user, nice, system, irq, softirq; all CPUs)."""
-    with open("/proc/stat") as f:
-        fields = f.readline().split()
-    assert fields[0] == "cpu"
-    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
+    user, nice, system, _idle, _iowait, irq, softirq = _stat_ticks("cpu")[:7]
     return (user + nice + system + irq + softirq) / CLK_TCK
 
 
 def softirq_seconds(cpu: int) -> float:
     """Softirq CPU seconds of one vCPU (where a packet's receive path runs)."""
-    with open("/proc/stat") as f:
-        for line in f:
-            fields = line.split()
-            if fields[0] == f"cpu{cpu}":
-                return int(fields[7]) / CLK_TCK
-    raise KeyError(f"cpu{cpu}")
+    return _stat_ticks(f"cpu{cpu}")[6] / CLK_TCK
 
 
 def _rps(mask: int) -> None:
