@@ -25,6 +25,7 @@ from bench.contenders import (
     CONTENDERS,
     NF,
     OURS,
+    REF_PORT,
     RS_NAMES,
     STOCK,
     XFER_PORT,
@@ -214,19 +215,38 @@ def legit_during_flood(n: int, timeout: float, warmup: float = 0.5) -> dict[str,
     return out
 
 
-def conn_rate(seconds: float, timeout: float = 5.0) -> dict[str, Any]:
-    """New connections per second, sequential, for ``seconds``."""
+def conn_rate(seconds: float, timeout: float = 5.0,
+              target: tuple[str, int] = (topology.VIP4, CONN_PORT)) -> dict[str, Any]:
+    """New connections per second to ``target``, sequential, for ``seconds``."""
     ok = failed = 0
     with netns.netns("client"):
         t0 = time.monotonic()
         while time.monotonic() - t0 < seconds:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            if connect_once(s, topology.VIP4, CONN_PORT, timeout).ok:
+            if connect_once(s, *target, timeout).ok:
                 ok += 1
             else:
                 failed += 1
         elapsed = time.monotonic() - t0
     return {"ok": ok, "failed": failed, "seconds": elapsed, "per_s": ok / elapsed}
+
+
+def conn_rates(seconds: float, chunks: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Connections per second straight to a real server (past IPVS: the host's
+    speed of the moment) and through the VIP, ``seconds`` each, alternating
+    in ``chunks`` pieces."""
+    ref = (topology.RS4[RS_NAMES[0]], REF_PORT)
+    parts: dict[str, list[dict[str, Any]]] = {"ref": [], "vip": []}
+    for _ in range(chunks):
+        parts["ref"].append(conn_rate(seconds / chunks, target=ref))
+        parts["vip"].append(conn_rate(seconds / chunks))
+    out = []
+    for kind in ("ref", "vip"):
+        ok = sum(p["ok"] for p in parts[kind])
+        elapsed = sum(p["seconds"] for p in parts[kind])
+        out.append({"ok": ok, "failed": sum(p["failed"] for p in parts[kind]),
+                    "seconds": elapsed, "per_s": ok / elapsed, "chunks": chunks})
+    return out[0], out[1]
 
 
 def throughput(mb: int) -> dict[str, Any]:

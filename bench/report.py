@@ -71,6 +71,9 @@ def derive(raw: Record) -> dict[str, list[Record]]:
         fig: Record = {"round": r["round"]}
         if "conn_rate" in r:
             fig["conn_per_s"] = r["conn_rate"]["per_s"]
+            if r.get("conn_ref", {}).get("per_s"):
+                # in units of the direct rate that alternated with it
+                fig["conn_norm"] = fig["conn_per_s"] / r["conn_ref"]["per_s"]
             fig["mb_per_s"] = r["throughput"]["mb_per_s"]
             nf = _conn_stats(r["connect_noflood"], timeout)
             fig["noflood_p50_ms"], fig["noflood_p99_ms"] = nf["p50_ms"], nf["p99_ms"]
@@ -129,7 +132,8 @@ RATIO_METRICS = {
 
 
 # Figures whose ratios come from their baseline-normalized form (derive()).
-RATIO_SOURCE = {"synack_per_s": "synack_norm", "cpu_s_per_msyn": "cpu_norm"}
+RATIO_SOURCE = {"synack_per_s": "synack_norm", "cpu_s_per_msyn": "cpu_norm",
+                "conn_per_s": "conn_norm"}
 
 
 def ratios(per_round: dict[str, list[Record]]) -> dict[str, float]:
@@ -143,10 +147,15 @@ def ratios(per_round: dict[str, list[Record]]) -> dict[str, float]:
         for theirs in (NF, STOCK):
             theirs_by_round = {f["round"]: f for f in per_round.get(theirs, [])}
             for metric in RATIO_METRICS:
-                m = RATIO_SOURCE.get(metric, metric)
-                vals = [f[m] / t[m] for f in per_round.get(ours, [])
-                        if (t := theirs_by_round.get(f["round"])) is not None
-                        and m in f and t.get(m)]
+                src = RATIO_SOURCE.get(metric, metric)
+                vals = []
+                for f in per_round.get(ours, []):
+                    t = theirs_by_round.get(f["round"])
+                    if t is None:
+                        continue
+                    m = src if src in f and src in t else metric  # older runs: raw
+                    if m in f and t.get(m):
+                        vals.append(f[m] / t[m])
                 if vals:
                     out[f"{ours}/{theirs}:{metric}"] = statistics.median(vals)
     return out

@@ -33,6 +33,7 @@ from bench.contenders import (
     CONTROL,
     NF,
     OURS,
+    REF_PORT,
     RS_NAMES,
     STOCK,
     XFER_PORT,
@@ -64,7 +65,7 @@ class Servers:
         self.close()
         self._proc = ServerProcess(
             [f"{kind}:{rs}:{topology.RS4[rs]}:{port}" for rs in RS_NAMES
-             for kind, port in (("conn", CONN_PORT), ("blob", XFER_PORT))])
+             for kind, port in (("conn", CONN_PORT), ("conn", REF_PORT), ("blob", XFER_PORT))])
 
     def close(self) -> None:
         if self._proc is not None:
@@ -79,7 +80,8 @@ def measure_contender(name: str, args: argparse.Namespace) -> dict[str, Any]:
     try:
         if name != BASELINE:
             rec["connect_noflood"] = measure.connect_times(args.legit, args.connect_timeout)
-            rec["conn_rate"] = measure.conn_rate(args.conn_seconds)
+            rec["conn_ref"], rec["conn_rate"] = measure.conn_rates(args.conn_seconds,
+                                                                   args.conn_chunks)
             rec["throughput"] = measure.throughput(args.xfer_mb)
         if c.flood:
             rec["baseline_flood"], rec["flood"] = measure.flood_costs(
@@ -118,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="alternating pieces of baseline and contender flood")
     p.add_argument("--legit", type=int, default=200, help="connections per connect-time set")
     p.add_argument("--connect-timeout", type=float, default=5.0)
-    p.add_argument("--conn-seconds", type=float, default=3.0)
+    p.add_argument("--conn-seconds", type=float, default=3.0,
+                   help="per contender, and as long straight to a real server")
+    p.add_argument("--conn-chunks", type=int, default=3,
+                   help="alternating pieces of those two")
     p.add_argument("--xfer-mb", type=int, default=50)
     args = p.parse_args(argv)
 

@@ -120,6 +120,20 @@ def test_flood_ratios_divide_out_the_hosts_speed_at_each_measurement() -> None:
     assert res["ratios"][f"{OURS[0]}/{NF}:cpu_s_per_msyn"] == pytest.approx(2 / 3, rel=1e-3)
 
 
+def test_connection_rates_enter_ratios_relative_to_the_direct_rate() -> None:
+    raw = raw_run()
+    for r in raw["records"]:
+        if "conn_rate" in r:
+            # the stock block ran while the host was twice as fast
+            fast = 2 if r["block"] == "stock" else 1
+            r["conn_rate"]["per_s"] *= fast
+            r["conn_ref"] = {"per_s": 400 * fast}
+    res = report.analyse(raw)
+    # 300/400 over 280/400, whatever the host's speed
+    assert res["ratios"][f"{OURS[0]}/{STOCK}:conn_per_s"] == pytest.approx(300 / 280)
+    assert res["summary"][STOCK]["conn_per_s"]["median"] == pytest.approx(560)
+
+
 def test_ratios_are_medians_of_the_rounds_own_ratios() -> None:
     raw = raw_run()
     per_s = {OURS[0]: (300, 150, 600), STOCK: (100, 300, 200)}
