@@ -21,10 +21,12 @@ from ipvs_synproxy.testbed.flood import SPOOF_NET4
 
 CONN_PORT = 80     # short connections (ConnServer) and the flood's target
 XFER_PORT = 8080   # bulk transfers (BlobServer)
-# Short connections straight to a real server, routed by lb past IPVS: the
-# host's speed of the moment, for connection rates. Not a service port, so no
-# IPVS connection (lingering in TIME_WAIT) ever matches one's replies.
+# Short connections and downloads straight to a real server, routed by lb past
+# IPVS: the host's speed of the moment, for connection rates and throughput.
+# Not service ports, so no IPVS connection (lingering in TIME_WAIT) ever
+# matches one's replies.
 REF_PORT = 81
+XFER_REF_PORT = 8081
 PORTS = (CONN_PORT, XFER_PORT)
 RS_NAMES = ("rs1", "rs2")
 IPVS_MODULES = ("ip_vs_rr", "ip_vs")  # unload order

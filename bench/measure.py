@@ -29,6 +29,7 @@ from bench.contenders import (
     RS_NAMES,
     STOCK,
     XFER_PORT,
+    XFER_REF_PORT,
     Contender,
     add_drop,
     del_drop,
@@ -249,10 +250,18 @@ def conn_rates(seconds: float, chunks: int) -> tuple[dict[str, Any], dict[str, A
     return out[0], out[1]
 
 
-def throughput(mb: int) -> dict[str, Any]:
-    """One download of ``mb`` MB through the VIP (bytes not hashed: the path's rate)."""
-    rate = transfer(topology.VIP4, XFER_PORT, "download", mb * MB, check=False)
-    return {"mb": mb, "mb_per_s": rate}
+def throughputs(mb: int, pairs: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Downloads of ``mb`` MB straight from a real server (past IPVS: the host's
+    speed of the moment) and through the VIP, alternating, ``pairs`` of each.
+    Bytes are not hashed: the rate is the path's."""
+    ref = (topology.RS4[RS_NAMES[0]], XFER_REF_PORT)
+    secs: dict[str, float] = {"ref": 0.0, "vip": 0.0}
+    for _ in range(pairs):
+        for kind, (addr, port) in (("ref", ref), ("vip", (topology.VIP4, XFER_PORT))):
+            secs[kind] += mb / transfer(addr, port, "download", mb * MB, check=False)
+    ref_rec, vip_rec = ({"mb": mb * pairs, "seconds": secs[k], "mb_per_s": mb * pairs / secs[k],
+                         "pairs": pairs} for k in ("ref", "vip"))
+    return ref_rec, vip_rec
 
 
 def describe(c: Contender) -> dict[str, Any]:

@@ -75,6 +75,8 @@ def derive(raw: Record) -> dict[str, list[Record]]:
                 # in units of the direct rate that alternated with it
                 fig["conn_norm"] = fig["conn_per_s"] / r["conn_ref"]["per_s"]
             fig["mb_per_s"] = r["throughput"]["mb_per_s"]
+            if r.get("xfer_ref", {}).get("mb_per_s"):
+                fig["mb_norm"] = fig["mb_per_s"] / r["xfer_ref"]["mb_per_s"]
             nf = _conn_stats(r["connect_noflood"], timeout)
             fig["noflood_p50_ms"], fig["noflood_p99_ms"] = nf["p50_ms"], nf["p99_ms"]
             fig["noflood_req_p99_ms"] = nf["req_p99_ms"]
@@ -134,7 +136,7 @@ RATIO_METRICS = {
 
 # Figures whose ratios come from their baseline-normalized form (derive()).
 RATIO_SOURCE = {"synack_per_s": "synack_norm", "cpu_s_per_msyn": "cpu_norm",
-                "conn_per_s": "conn_norm"}
+                "conn_per_s": "conn_norm", "mb_per_s": "mb_norm"}
 
 
 def ratios(per_round: dict[str, list[Record]]) -> dict[str, float]:

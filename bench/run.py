@@ -37,6 +37,7 @@ from bench.contenders import (
     RS_NAMES,
     STOCK,
     XFER_PORT,
+    XFER_REF_PORT,
     conn_object_size,
     load_ipvs,
     unload_ipvs,
@@ -54,9 +55,10 @@ def log(msg: str) -> None:
 
 
 class Servers:
-    """ConnServer on port 80 and BlobServer on 8080 in each real server, in a child
-    process (not sharing this one's GIL with the clients). Restarted for every
-    measurement: closing a listener drops its queue of half-open requests."""
+    """ConnServer on ports 80 and 81 and BlobServer on 8080 and 8081 (81 and 8081
+    for the direct references) in each real server, in a child process (not
+    sharing this one's GIL with the clients). Restarted for every measurement:
+    closing a listener drops its queue of half-open requests."""
 
     def __init__(self) -> None:
         self._proc: ServerProcess | None = None
@@ -65,7 +67,8 @@ class Servers:
         self.close()
         self._proc = ServerProcess(
             [f"{kind}:{rs}:{topology.RS4[rs]}:{port}" for rs in RS_NAMES
-             for kind, port in (("conn", CONN_PORT), ("conn", REF_PORT), ("blob", XFER_PORT))])
+             for kind, port in (("conn", CONN_PORT), ("conn", REF_PORT),
+                                ("blob", XFER_PORT), ("blob", XFER_REF_PORT))])
 
     def close(self) -> None:
         if self._proc is not None:
@@ -82,7 +85,8 @@ def measure_contender(name: str, args: argparse.Namespace) -> dict[str, Any]:
             rec["connect_noflood"] = measure.connect_times(args.legit, args.connect_timeout)
             rec["conn_ref"], rec["conn_rate"] = measure.conn_rates(args.conn_seconds,
                                                                    args.conn_chunks)
-            rec["throughput"] = measure.throughput(args.xfer_mb)
+            rec["xfer_ref"], rec["throughput"] = measure.throughputs(args.xfer_mb,
+                                                                     args.xfer_pairs)
         if c.flood:
             rec["baseline_flood"], rec["flood"] = measure.flood_costs(
                 c, args.flood_seconds, args.flood_chunks)
@@ -102,8 +106,10 @@ def summary_line(rec: dict[str, Any]) -> str:
               f" flood {f['pps']:.0f} pps {1e6 * f['lb_softirq_s'] / f['sent']:.1f} us/SYN, "
               f"replies {f['replies']}/{f['sent']}, cpu {f['cpu_busy_s']:.2f} s;")
     if "conn_rate" in rec:
-        s += (f" {rec['conn_rate']['per_s']:.0f} conn/s, "
-              f"{rec['throughput']['mb_per_s']:.1f} MB/s")
+        s += (f" {rec['conn_rate']['per_s']:.0f} conn/s"
+              f" (direct {rec['conn_ref']['per_s']:.0f}),"
+              f" {rec['throughput']['mb_per_s']:.1f} MB/s"
+              f" (direct {rec['xfer_ref']['mb_per_s']:.1f})")
     if "connect_flood" in rec:
         cf = rec["connect_flood"]
         s += f", legit under flood {cf['ok']}/{cf['n']} at {cf['flood_pps']:.0f} pps"
@@ -124,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="per contender, and as long straight to a real server")
     p.add_argument("--conn-chunks", type=int, default=3,
                    help="alternating pieces of those two")
-    p.add_argument("--xfer-mb", type=int, default=50)
+    p.add_argument("--xfer-mb", type=int, default=50, help="MB per download")
+    p.add_argument("--xfer-pairs", type=int, default=3,
+                   help="downloads through the VIP, alternating with as many straight"
+                   " from a real server")
     args = p.parse_args(argv)
 
     if os.environ.get("IPVS_SP_GUEST") != "1" or os.environ.get("IPVS_SP_TOPOLOGY") != "1":

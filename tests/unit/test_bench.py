@@ -134,6 +134,19 @@ def test_connection_rates_enter_ratios_relative_to_the_direct_rate() -> None:
     assert res["summary"][STOCK]["conn_per_s"]["median"] == pytest.approx(560)
 
 
+def test_throughput_enters_ratios_relative_to_the_direct_download() -> None:
+    raw = raw_run()
+    for r in raw["records"]:
+        if "throughput" in r:
+            slow = 0.5 if r["contender"] == OURS[0] else 1
+            r["throughput"]["mb_per_s"] = (90 if r["contender"] == OURS[0] else 100) * slow
+            r["xfer_ref"] = {"mb_per_s": 200 * slow}
+    res = report.analyse(raw)
+    # 45/100 over 100/200: 0.9, though the raw rates say 0.45
+    assert res["ratios"][f"{OURS[0]}/{STOCK}:mb_per_s"] == pytest.approx(0.9)
+    assert res["summary"][OURS[0]]["mb_per_s"]["median"] == pytest.approx(45)
+
+
 def test_ratios_are_medians_of_the_rounds_own_ratios() -> None:
     raw = raw_run()
     per_s = {OURS[0]: (300, 150, 600), STOCK: (100, 300, 200)}
