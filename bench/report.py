@@ -344,10 +344,14 @@ def compare(a: Record, b: Record, tolerance: float = 0.2) -> tuple[bool, list[st
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.report", description=__doc__.splitlines()[0])
-    p.add_argument("raw", type=Path, nargs="?")
-    p.add_argument("--results", type=Path, default=Path("bench/results"))
-    p.add_argument("--readme", type=Path)
-    p.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"))
+    p.add_argument("raw", type=Path, nargs="?",
+                   help="bench.run's raw records (make bench: build/bench/run.json)")
+    p.add_argument("--results", type=Path, default=Path("bench/results"),
+                   help="where bench-<start time>.json and bench.png go (default: %(default)s)")
+    p.add_argument("--readme", type=Path,
+                   help="a README whose bench:begin/bench:end table to replace")
+    p.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"),
+                   help="two results files: does every ratio agree within 20%%?")
     args = p.parse_args(argv)
     if args.compare:
         a, b = (json.loads(f.read_text()) for f in args.compare)
