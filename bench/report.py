@@ -11,10 +11,11 @@ While a flood's cost is measured, lb's part of it runs on one vCPU (RPS, see
 bench.measure). CPU seconds per million SYNs on the balancer = that vCPU's
 softirq seconds / SYNs sent x 1e6; SYN/ACKs per second at saturation = SYNs
 answered / those seconds (what one vCPU doing only this would answer); the
-whole guest's busy seconds per SYN (generator included) are shown too. The baseline
-(the flood dropped in lb's raw PREROUTING) shows the part every contender pays
-to receive a packet at all. Figures are medians over the rounds with their
-range (min-max); ratios are medians of the rounds' own ratios.
+whole guest's busy seconds per SYN (generator included) are shown too. The
+baseline (the flood dropped in lb's raw PREROUTING) shows the part every
+contender pays to receive a packet at all. Figures are medians over the
+rounds with their range (min-max); ratios are geometric means of the rounds'
+own ratios.
 """
 
 from __future__ import annotations
@@ -93,11 +94,6 @@ def derive(raw: Record) -> dict[str, list[Record]]:
             fig["synack_per_s"] = (answered / f["lb_softirq_s"] if f["lb_softirq_s"] > 0
                                    else math.inf)
             fig["guest_cpu_s_per_msyn"] = 1e6 * f["cpu_busy_s"] / f["sent"]
-            # The same in units of the baseline measured alongside (alternating
-            # with it): what ratios between contenders use, so that the host's
-            # speed when each was measured divides out.
-            fig["synack_norm"] = fig["synack_per_s"] * fig["baseline_cpu_s_per_msyn"] / 1e6
-            fig["cpu_norm"] = fig["cpu_s_per_msyn"] / fig["baseline_cpu_s_per_msyn"]
         if "connect_flood" in r:
             cf = _conn_stats(r["connect_flood"], timeout)
             fig["legit_ok_pct"] = cf["ok_pct"]
@@ -134,17 +130,27 @@ RATIO_METRICS = {
 }
 
 
-# Figures whose ratios come from their baseline-normalized form (derive()).
-RATIO_SOURCE = {"synack_per_s": "synack_norm", "cpu_s_per_msyn": "cpu_norm",
-                "conn_per_s": "conn_norm", "mb_per_s": "mb_norm"}
+# Figures whose ratios come from their form relative to a reference measured
+# alternately with them, seconds apart (derive()). Flood figures have none:
+# the baseline flood that alternates with each flood varies by as much from
+# piece to piece on its own (34 to 52 us per packet within one run), and
+# dividing by it made ratios less reproducible over four runs, not more
+# (bench/README.md, "Reproducibility").
+RATIO_SOURCE = {"conn_per_s": "conn_norm", "mb_per_s": "mb_norm"}
+
+
+def _geomean(vals: Sequence[float]) -> float:
+    # a round where ours did nothing (0) makes the whole ratio 0, not an error
+    return 0.0 if min(vals) <= 0 else statistics.geometric_mean(vals)
 
 
 def ratios(per_round: dict[str, list[Record]]) -> dict[str, float]:
-    """Ours over (b) and (c), ``<ours>/<theirs>:<metric>``: the median of the
-    per-round ratios. Both figures of one round were measured minutes apart,
-    so the host's slower drift (other guests) divides out; a median of each
-    side's own medians would keep it. Flood figures are taken relative to the
-    baseline that alternated with each flood, for the host's faster moves."""
+    """Ours over (b) and (c), ``<ours>/<theirs>:<metric>``: the geometric mean
+    of the per-round ratios. Both figures of one round were measured minutes
+    apart, so the host's slower drift (other guests) divides out, where a ratio
+    of each side's medians would keep it. A geometric mean rather than a
+    median: it uses every round (a median of five is one round's figure), and
+    ours/theirs is exactly 1/(theirs/ours)."""
     out = {}
     for ours in OURS:
         for theirs in (NF, STOCK):
@@ -157,10 +163,10 @@ def ratios(per_round: dict[str, list[Record]]) -> dict[str, float]:
                     if t is None:
                         continue
                     m = src if src in f and src in t else metric  # older runs: raw
-                    if m in f and t.get(m):
+                    if m in f and t.get(m) and math.isfinite(f[m] / t[m]):
                         vals.append(f[m] / t[m])
                 if vals:
-                    out[f"{ours}/{theirs}:{metric}"] = statistics.median(vals)
+                    out[f"{ours}/{theirs}:{metric}"] = _geomean(vals)
     return out
 
 
@@ -245,8 +251,8 @@ def markdown(res: Record) -> str:
     lines.append("| bytes per connection (ip_vs_conn) | "
                  + " | ".join(str(mem["patched"] if c in (*OURS, CONTROL) else mem["stock"])
                               for c in cols) + " |")
-    lines += ["", "| ratio (median of rounds) | (a) NAT / (b) | (a) NAT / (c) | (a) FULLNAT / (b) "
-              "| (a) FULLNAT / (c) |", "|---|---:|---:|---:|---:|"]
+    lines += ["", "| ratio (geometric mean of rounds) | (a) NAT / (b) | (a) NAT / (c) "
+              "| (a) FULLNAT / (b) | (a) FULLNAT / (c) |", "|---|---:|---:|---:|---:|"]
     for m, label in RATIO_METRICS.items():
         vals = [rat.get(f"{o}/{t}:{m}") for o in OURS for t in (NF, STOCK)]
         lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.2f}"

@@ -107,17 +107,19 @@ def test_targets_name_what_is_missed(patched: int, extra: int, met: bool) -> Non
     assert all(t["met"] for t in res["targets"] if t is not mem)
 
 
-def test_flood_ratios_divide_out_the_hosts_speed_at_each_measurement() -> None:
+def test_flood_ratios_come_from_the_floods_themselves_not_their_baseline() -> None:
     raw = raw_run()
     for r in raw["records"]:
         if r["contender"] == NF:
-            # (b) measured while the host ran at half speed: its baseline, too
             r["flood"] = _flood(10000, 2 / 20000)
+            # a baseline piece that ran slow on its own moves nothing
             r["baseline_flood"] = _flood(20000, 2 / 40000)
     res = report.analyse(raw)
     assert res["summary"][NF]["synack_per_s"]["median"] == pytest.approx(10000, rel=1e-3)
-    assert res["ratios"][f"{OURS[0]}/{NF}:synack_per_s"] == pytest.approx(1.5, rel=1e-3)
-    assert res["ratios"][f"{OURS[0]}/{NF}:cpu_s_per_msyn"] == pytest.approx(2 / 3, rel=1e-3)
+    assert res["summary"][NF]["baseline_cpu_s_per_msyn"]["median"] == pytest.approx(50)
+    # ours: 30000 SYN/ACKs per vCPU-second, 33.3 us per SYN
+    assert res["ratios"][f"{OURS[0]}/{NF}:synack_per_s"] == pytest.approx(3.0, rel=1e-3)
+    assert res["ratios"][f"{OURS[0]}/{NF}:cpu_s_per_msyn"] == pytest.approx(1 / 3, rel=1e-3)
 
 
 def test_connection_rates_enter_ratios_relative_to_the_direct_rate() -> None:
@@ -147,15 +149,24 @@ def test_throughput_enters_ratios_relative_to_the_direct_download() -> None:
     assert res["summary"][OURS[0]]["mb_per_s"]["median"] == pytest.approx(45)
 
 
-def test_ratios_are_medians_of_the_rounds_own_ratios() -> None:
+def test_ratios_are_geometric_means_of_the_rounds_own_ratios() -> None:
     raw = raw_run()
     per_s = {OURS[0]: (300, 150, 600), STOCK: (100, 300, 200)}
     for r in raw["records"]:
         if r["contender"] in per_s:
             r["conn_rate"]["per_s"] = per_s[r["contender"]][r["round"]]
     rat = report.analyse(raw)["ratios"]
-    # rounds: 3, 0.5, 3 -> 3 (the medians of each side, 300/200, would say 1.5)
-    assert rat[f"{OURS[0]}/{STOCK}:conn_per_s"] == pytest.approx(3.0)
+    # rounds: 3, 0.5, 3 -> 4.5 ** (1/3) (the medians of each side, 300/200, would
+    # say 1.5; the median of the rounds 3, one round's figure)
+    assert rat[f"{OURS[0]}/{STOCK}:conn_per_s"] == pytest.approx(4.5 ** (1 / 3))
+
+
+def test_a_round_where_ours_answered_nothing_makes_the_ratio_zero() -> None:
+    raw = raw_run()
+    for r in raw["records"]:
+        if r["contender"] == OURS[0] and r["round"] == 1:
+            r["throughput"]["mb_per_s"] = 0.0
+    assert report.analyse(raw)["ratios"][f"{OURS[0]}/{STOCK}:mb_per_s"] == 0.0
 
 
 def test_compare_flags_ratios_that_moved_more_than_20_percent() -> None:
