@@ -552,13 +552,27 @@ def _measure_rates(ipvs: IPVS, net: Net, method: str,  # noqa: F811
         for synproxy in (False, True):
             ipvs.flush()
             synproxy_service(ipvs, net, METHODS[method], port=8080, synproxy=synproxy)
-            before = ext_stats_file()["synproxy_conn_proxied"]
+            start = ext_stats_file()
+            before = start["synproxy_conn_proxied"]
             for direction in ("download", "upload"):
                 rates.setdefault((synproxy, direction), []).append(
-                    transfer(net, 8080, direction, check=False))
+                    _transfer_or_explain(net, direction, synproxy, start))
             proxied = ext_stats_file()["synproxy_conn_proxied"] - before
             assert proxied == (2 if synproxy else 0), \
                 f"synproxy {'on' if synproxy else 'off'}: {proxied} connections proxied"
+
+
+def _transfer_or_explain(net: Net, direction: str, synproxy: bool,
+                         start: dict[str, int]) -> float:
+    # A stalled transfer (seen once in CI, 2026-12-02, FULLNAT v6) says nothing
+    # by itself: name the round and every counter that moved since it began.
+    try:
+        return transfer(net, 8080, direction, check=False)
+    except TimeoutError as e:
+        now = ext_stats_file()
+        moved = {k: v - start.get(k, 0) for k, v in now.items() if v != start.get(k, 0)}
+        raise AssertionError(f"{direction} with the proxy {'on' if synproxy else 'off'} "
+                             f"stalled; counters that moved this round: {moved}") from e
 
 
 # ---- SACK under loss ----------------------------------------------------------------------
