@@ -553,11 +553,10 @@ def _measure_rates(ipvs: IPVS, net: Net, method: str,  # noqa: F811
             ipvs.flush()
             synproxy_service(ipvs, net, METHODS[method], port=8080, synproxy=synproxy)
             start = ext_stats_file()
-            before = start["synproxy_conn_proxied"]
             for direction in ("download", "upload"):
                 rates.setdefault((synproxy, direction), []).append(
                     _transfer_or_explain(net, direction, synproxy, start))
-            proxied = ext_stats_file()["synproxy_conn_proxied"] - before
+            proxied = ext_stats_file()["synproxy_conn_proxied"] - start["synproxy_conn_proxied"]
             assert proxied == (2 if synproxy else 0), \
                 f"synproxy {'on' if synproxy else 'off'}: {proxied} connections proxied"
 
