@@ -27,12 +27,22 @@ cookie secret read as two little-endian 64-bit words (the kernel's
 
 Masking the options with hash bits keeps them from being readable off the
 wire; the 24 integrity bits are what an attacker has to guess (1 in 2**24 per
-forged ACK). There is no time counter in the cookie: the key changes every
+forged ACK and key). When the client sends timestamps, the SYN/ACK's TSval
+carries 8 more bits, ``h[39:32]``, in its low byte (the millisecond clock keeps
+the rest, :func:`make_tsval`); the client echoes it as TSecr in every ACK, and
+an ACK with a timestamp must match those bits too: 1 in 2**32. An ACK without
+timestamps is checked against the ISN alone, so a blind attacker, who can
+leave timestamps out, still needs 2**24 tries per key (2**23 with the two keys
+accepted at once).
+
+There is no time counter in the cookie: the key changes every
 ``synproxy_secret_period`` seconds and the previous key is still accepted, so
 a cookie lives between one and two periods. The key of epoch
-``e = unix_time // period`` is derived from the secret (see :func:`epoch_key`),
-so balancers that share the secret (set over netlink) and keep their clocks in
-step validate each other's cookies.
+``e = unix_time // period`` and window scale ``w`` (the ``synproxy_wscale`` the
+SYN/ACK announces) is derived from the secret (see :func:`epoch_key`), so the
+key that validates an ACK also says which scale the client was told, and
+balancers that share the secret (set over netlink) and ``synproxy_wscale`` and
+keep their clocks in step validate each other's cookies.
 """
 
 from __future__ import annotations
@@ -46,6 +56,8 @@ MSS_TABLE = (536, 1300, 1440, 1460)
 WSCALE_NONE = 15
 WSCALE_MAX = 14
 KEY_LEN = 16
+TS_BITS = 0xFF          # the TSval's low byte carries h[39:32]
+DEFAULT_WSCALE = 7      # synproxy_wscale's default
 
 _M64 = (1 << 64) - 1
 
@@ -119,17 +131,23 @@ class SynOptions:
                    sack=bool(byte & 0x40), ecn=bool(byte & 0x80))
 
 
-def epoch_key(secret: bytes, epoch: int) -> bytes:
-    """The cookie key of one epoch: two SipHash words of (epoch, 0) and (epoch, 1)
-    under the secret, as the kernel's ``siphash_2u64(epoch, i, secret)``."""
-    words = (siphash24(secret, struct.pack("<QQ", epoch & _M64, i)) for i in (0, 1))
+def epoch_key(secret: bytes, epoch: int, wscale: int = DEFAULT_WSCALE) -> bytes:
+    """The cookie key of one epoch and announced window scale: two SipHash words
+    of (epoch, i | wscale << 8) for i = 0, 1 under the secret, as the kernel's
+    ``siphash_2u64(epoch, i | wscale << 8, secret)``."""
+    if not 0 <= wscale <= WSCALE_MAX:
+        raise ValueError(f"window scale must be 0..{WSCALE_MAX}, not {wscale}")
+    words = (siphash24(secret, struct.pack("<QQ", epoch & _M64, i | wscale << 8))
+             for i in (0, 1))
     return struct.pack("<QQ", *words)
 
 
-def current_keys(secret: bytes, period: int, now: float) -> list[bytes]:
-    """The keys a balancer accepts at ``now``: this epoch's, then the previous one's."""
+def current_keys(secret: bytes, period: int, now: float,
+                 wscale: int = DEFAULT_WSCALE) -> list[bytes]:
+    """The keys a balancer accepts at ``now`` (its ``synproxy_wscale`` unchanged
+    for two periods): this epoch's, then the previous one's."""
     epoch = int(now) // period
-    return [epoch_key(secret, epoch), epoch_key(secret, epoch - 1)]
+    return [epoch_key(secret, epoch, wscale), epoch_key(secret, epoch - 1, wscale)]
 
 
 def mss_index(mss: int) -> int:
@@ -155,15 +173,27 @@ def make_cookie(key: bytes, saddr: str, daddr: str, sport: int, dport: int,
     return ((h >> 40) & 0xFFFFFF) << 8 | ((opts.encode() ^ h) & 0xFF)
 
 
+def make_tsval(key: bytes, saddr: str, daddr: str, sport: int, dport: int,
+               client_isn: int, clock: int) -> int:
+    """The TSval of that SYN/ACK, when the client sent timestamps: ``clock``
+    (milliseconds) with the hash's bits 39..32 in its low byte."""
+    h = siphash24(key, _message(saddr, daddr, sport, dport, client_isn))
+    return (clock & ~TS_BITS & 0xFFFFFFFF) | ((h >> 32) & TS_BITS)
+
+
 def check_cookie(keys: Iterable[bytes], saddr: str, daddr: str, sport: int, dport: int,
-                 seq: int, ack_seq: int) -> SynOptions | None:
-    """Validate the client's handshake ACK (its ``seq`` and ``ack_seq``) against
-    each of ``keys`` (current secret first, then the previous one); return the
-    SYN's options, or None when no key produced this cookie."""
+                 seq: int, ack_seq: int, tsecr: int | None = None) -> SynOptions | None:
+    """Validate the client's handshake ACK (its ``seq`` and ``ack_seq``, and its
+    TSecr when it carried a timestamp) against each of ``keys`` (current secret
+    first, then the previous one); return the SYN's options, or None when no key
+    produced this cookie."""
     cookie = (ack_seq - 1) & 0xFFFFFFFF
     msg = _message(saddr, daddr, sport, dport, (seq - 1) & 0xFFFFFFFF)
     for key in keys:
         h = siphash24(key, msg)
-        if cookie >> 8 == (h >> 40) & 0xFFFFFF:
-            return SynOptions.decode((cookie ^ h) & 0xFF)
+        if cookie >> 8 != (h >> 40) & 0xFFFFFF:
+            continue
+        if tsecr is not None and tsecr & TS_BITS != (h >> 32) & TS_BITS:
+            continue
+        return SynOptions.decode((cookie ^ h) & 0xFF)
     return None

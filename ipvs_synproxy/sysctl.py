@@ -168,8 +168,6 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
        "carries data", _SP),
     Knob("synproxy_ack_storm", "10", "identical pure ACKs passed before the repeats are "
          "dropped (0 off)", _SP, lo=0, hi=255),
-    _b("synproxy_drop_stray", 1, "drop RST/FIN/other non-SYN packets that match no "
-       "connection of a SYN proxy service", _SP),
     _b("synproxy_drop_udp", 0, "drop UDP to a VIP:port that only has a SYN proxy TCP "
        "service", _SP),
     _b("synproxy_drop_frag", 0, "drop fragmented TCP to SYN proxy services", _SP),

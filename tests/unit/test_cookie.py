@@ -93,3 +93,52 @@ def test_epoch_keys_differ_per_epoch_and_secret() -> None:
     assert k != cookie.epoch_key(s1, 101)
     assert k != cookie.epoch_key(s2, 100)
     assert cookie.current_keys(s1, 64, 64 * 100 + 5.5) == [k, cookie.epoch_key(s1, 99)]
+
+
+def test_the_announced_window_scale_is_part_of_the_key() -> None:
+    s1 = bytes(range(16))
+    keys = {cookie.epoch_key(s1, 100, ws) for ws in range(cookie.WSCALE_MAX + 1)}
+    assert len(keys) == cookie.WSCALE_MAX + 1
+    assert cookie.epoch_key(s1, 100) == cookie.epoch_key(s1, 100, cookie.DEFAULT_WSCALE)
+    assert cookie.current_keys(s1, 64, 6400, wscale=3)[0] == cookie.epoch_key(s1, 100, 3)
+    with pytest.raises(ValueError, match="window scale"):
+        cookie.epoch_key(s1, 100, 15)
+
+
+@pytest.mark.parametrize("tup", [V4, V6], ids=["ipv4", "ipv6"])
+def test_a_timestamp_ack_must_echo_the_tsval_hash_bits(tup: tuple[str, str, int, int]
+                                                       ) -> None:
+    opts = SynOptions(1460, 7, True)
+    for isn in (0, 77, 0xFFFFFFFF, 123456789):
+        c = cookie.make_cookie(KEY, *tup, isn, opts)
+        tsval = cookie.make_tsval(KEY, *tup, isn, 0x12345678)
+        assert tsval & ~cookie.TS_BITS == 0x12345600, "the clock keeps the high bits"
+        ack = ((isn + 1) & 0xFFFFFFFF, (c + 1) & 0xFFFFFFFF)
+        assert cookie.check_cookie([KEY], *tup, *ack, tsecr=tsval) == opts
+        # every other low byte fails: 8 more bits to guess
+        bad = [b for b in range(256)
+               if cookie.check_cookie([KEY], *tup, *ack, tsecr=(tsval & ~0xFF) | b)]
+        assert bad == [tsval & 0xFF]
+        # without a timestamp the ISN alone decides
+        assert cookie.check_cookie([KEY], *tup, *ack) == opts
+
+
+def test_a_forged_ack_matches_one_in_2_to_the_24_without_and_2_to_the_32_with_ts() -> None:
+    # Counted, not assumed: over 2**16 random ISNs of one tuple, how many of
+    # 256 ack values sharing the top 16 bits of a real cookie pass is what the
+    # 24 bits predict (1 in 256 of those), and with a random TSecr 1 in 256 less.
+    import random
+
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    isn = rng.getrandbits(32)
+    c = cookie.make_cookie(KEY, *V4, isn, SynOptions())
+    top = c & 0xFFFF0000
+    passed = [a for a in range(top, top + 0x10000)
+              if cookie.check_cookie([KEY], *V4, isn + 1, a + 1)]
+    # the 8 option bits are not checked: exactly the 256 values of the cookie's
+    # own 24-bit prefix pass
+    assert len(passed) == 256 and all(a >> 8 == c >> 8 for a in passed), seed
+    with_ts = [a for a in passed
+               if cookie.check_cookie([KEY], *V4, isn + 1, a + 1, tsecr=rng.getrandbits(32))]
+    assert len(with_ts) <= 8, (seed, len(with_ts))

@@ -102,10 +102,12 @@ def test_cli_stats_watch_prints_each_sample(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_every_extended_counter_of_the_series_has_a_troubleshooting_row() -> None:
-    names = set()
-    for patch in (paths.patches_dir() / "linux-6.1").glob("*.patch"):
-        names |= set(re.findall(r'^\+\s*\[IP_VS_EXT_\w+\]\s*=\s*"(\w+)"',
-                                patch.read_text(), re.MULTILINE))
+    names: set[str] = set()
+    # in series order: a later patch may remove what an earlier one added
+    for patch in sorted((paths.patches_dir() / "linux-6.1").glob("*.patch")):
+        text = patch.read_text()
+        names -= set(re.findall(r'^-\s*\[IP_VS_EXT_\w+\]\s*=\s*"(\w+)"', text, re.MULTILINE))
+        names |= set(re.findall(r'^\+\s*\[IP_VS_EXT_\w+\]\s*=\s*"(\w+)"', text, re.MULTILINE))
     assert "fullnat_conn_new" in names
     guide = (Path(__file__).resolve().parents[2] / "docs" / "operator-guide.md").read_text()
     section = guide.split("## 6. Troubleshooting by counter", 1)[1]

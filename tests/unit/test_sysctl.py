@@ -17,9 +17,11 @@ def _procnames_added_by_patches() -> set[str]:
     names = set()
     for patch in sorted((paths.patches_dir() / "linux-6.1").glob("*.patch")):
         for line in patch.read_text().splitlines():
-            m = re.match(r'^\+\s*\.procname\s*=\s*"([a-z0-9_]+)"', line)
-            if m:
-                names.add(m.group(1))
+            m = re.match(r'^([+-])\s*\.procname\s*=\s*"([a-z0-9_]+)"', line)
+            if m and m.group(1) == "+":
+                names.add(m.group(2))
+            elif m:     # a later patch of the series removed it
+                names.discard(m.group(2))
     return names
 
 

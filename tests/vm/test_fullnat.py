@@ -296,12 +296,12 @@ def test_with_toa_ko_the_real_server_sees_the_client(
 
 
 class Capture:
-    """Frames arriving at ``ns``'s eth0, collected by a thread (AF_PACKET)."""
+    """Frames arriving at ``ns``'s ``dev``, collected by a thread (AF_PACKET)."""
 
-    def __init__(self, ns: str) -> None:
+    def __init__(self, ns: str, dev: str = "eth0") -> None:
         with netns.netns(ns):
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-        self.sock.bind(("eth0", 0))
+        self.sock.bind((dev, 0))
         self.sock.settimeout(0.2)
         self.frames: list[bytes] = []
         self._stop = threading.Event()

@@ -271,6 +271,14 @@ def test_the_cookie_keeps_the_clients_options(ipvs: IPVS, method: str,  # noqa: 
         assert ("Timestamp" in opts) == (tsval is not None), (sport, opts)
         if tsval is not None:
             assert opts["Timestamp"][1] == tsval, (sport, "TSecr is not the client's TSval")
+            # our TSval carries 8 more bits of the cookie: the ACK must echo them
+            ours = opts["Timestamp"][0]
+            assert cookie.check_cookie(keys, net.client, net.vip, sport, 80, isn + 1,
+                                       synack[TCP].seq + 1, tsecr=ours) == want
+            assert cookie.check_cookie(keys, net.client, net.vip, sport, 80, isn + 1,
+                                       synack[TCP].seq + 1, tsecr=ours ^ 0x5A) is None
+        if want.wscale is not None:
+            assert opts["WScale"] == cookie.DEFAULT_WSCALE, (sport, opts)
         assert ("SAckOK" in opts) == want.sack
         assert ("WScale" in opts) == (want.wscale is not None)
         assert bool(synack[TCP].flags.E) == want.ecn, (sport, synack[TCP].flags)
