@@ -17,7 +17,7 @@ Kinds: ``syn`` (SYNs with Linux's usual options), ``ack``, ``fin`` (FIN|ACK),
 ``rst``, and ``mixed``: those four plus odd flag combinations and malformed TCP
 (zero/short/overrunning option lengths, an option cut off by the header's end,
 MSS 0 and window scale 255, a data offset larger than the segment, one smaller
-than the header, data on a SYN).
+than the header, data on a SYN, SYN/ACKs with lying data offsets).
 
 Sources are spoofed, random per packet, and only ever from the client segment's
 pools below (never the client's, lb's or the VIP's own addresses); source ports,
@@ -118,6 +118,9 @@ MALFORMED: tuple[Segment, ...] = (
     Segment("syn-fin", ("syn", "fin")),
     Segment("syn-rst", ("syn", "rst")),
     Segment("syn-ack", ("syn", "ack"), 10, _SYN_OPTS),
+    # what once fell through to IPVS's scheduling and opened connections
+    Segment("syn-ack-doff-15-no-options", ("syn", "ack"), 15),
+    Segment("syn-ack-doff-0", ("syn", "ack"), 0),
     Segment("null", ()),
     Segment("xmas", ("fin", "syn", "rst", "psh", "ack", "urg", "ece", "cwr")),
 )
