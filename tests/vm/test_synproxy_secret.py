@@ -215,14 +215,13 @@ def test_a_process_without_cap_net_admin_cannot_set_the_secret(
                         env={**os.environ, "PYTHONPATH": os.getcwd()})
         assert res.returncode == 3, (res.returncode, res.stdout, res.stderr)
         assert "PermissionDenied" in res.stdout
-        # a new ISN per case: the same one on the tuple of the last case's
-        # connection lies in its sequence space, which session reuse leaves alone
-        isn = 0x60708090 + 0x10000000 * list(UNPRIVILEGED).index(who)
-        c = get_cookie(46031, isn)
-        assert decodes_under(secret, LONG_PERIOD, 46031, isn, c) is not None, \
+        # a port per case: the last case's connection still holds its tuple
+        sport, isn = 46031 + list(UNPRIVILEGED).index(who), 0x60708090
+        c = get_cookie(sport, isn)
+        assert decodes_under(secret, LONG_PERIOD, sport, isn, c) is not None, \
             "the secret changed"
-        assert decodes_under(attempted, LONG_PERIOD, 46031, isn, c) is None
-        assert answer(46031, isn, c) == (True, True)
+        assert decodes_under(attempted, LONG_PERIOD, sport, isn, c) is None
+        assert answer(sport, isn, c) == (True, True)
 
 
 def _renderings(secret: bytes) -> list[bytes]:
