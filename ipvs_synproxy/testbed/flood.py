@@ -285,6 +285,76 @@ class FloodError(RuntimeError):
     pass
 
 
+class ReplySink:
+    """lb's answers to a spoofed source pool, kept off the wire's far end (see the
+    module's text): with ``resolve``, permanent neighbour entries in lb for the
+    pool pointing at the client's MAC; always, a counting drop for the pool in
+    the client's raw PREROUTING hook. A context manager; :meth:`replies` reads
+    the drop's counter (None without ``resolve``). Used by :class:`Flood` and by
+    tests that send spoofed frames themselves."""
+
+    def __init__(self, family: int, resolve: bool = True) -> None:
+        if family not in (4, 6):
+            raise ValueError(f"family must be 4 or 6, not {family!r}")
+        self.family, self.resolve = family, resolve
+        self.client_mac = ""
+        self._nft_up = False
+        self._neigh_up = False
+
+    @property
+    def table(self) -> str:
+        return f"{NFT_TABLE}{self.family}"
+
+    def _nft(self, *args: str, script: str | None = None) -> str:
+        res = netns.run(CLIENT_NS, ["nft", *args], check=False, input=script)
+        if res.returncode != 0:
+            raise FloodError(f"nft {' '.join(args)} in {CLIENT_NS}: {res.stderr.strip()}")
+        return res.stdout
+
+    def _ip_batch(self, lines: list[str], check: bool) -> None:
+        res = subprocess.run(["ip", "-n", LB_NS, "-force", "-batch", "-"],
+                             input="\n".join(lines) + "\n", capture_output=True, text=True,
+                             check=False)
+        if check and res.returncode != 0:
+            raise FloodError(f"ip -n {LB_NS} -batch: {res.stderr.strip()[:500]}")
+
+    def up(self, client_mac: str | None = None) -> ReplySink:
+        self.client_mac = client_mac or link_mac(CLIENT_NS, CLIENT_DEV)
+        try:
+            self._nft("-f", "-", script=nft_script(self.family))
+            self._nft_up = True
+            if self.resolve:
+                self._neigh_up = True
+                self._ip_batch(neigh_batch(self.family, self.client_mac, LB_DEV, True),
+                               check=True)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def replies(self) -> int | None:
+        if not self.resolve:
+            return None
+        return nft_counter(self._nft("-j", "list", "table", "inet", self.table))
+
+    def down(self) -> None:
+        if self._neigh_up:
+            self._neigh_up = False
+            self._ip_batch(neigh_batch(self.family, self.client_mac, LB_DEV, False),
+                           check=False)
+        if self._nft_up:
+            self._nft_up = False
+            with contextlib.suppress(FloodError):
+                self._nft("delete", "table", "inet", self.table)
+
+    def __enter__(self) -> ReplySink:
+        return self.up()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.down()
+
+
 class Flood:
     """A running flood; a context manager (start on enter, stop on exit).
 
@@ -312,45 +382,19 @@ class Flood:
         self._proc: subprocess.Popen[str] | None = None
         self._cfg: str | None = None
         self._started = 0.0
-        self._nft_up = False
-        self._neigh_up = False
+        self._sink = ReplySink(self.spec.family, resolve)
         self.output = ""
-        self._client_mac = ""
-
-    # -- set-up and tear-down of the reply path
-
-    def _nft(self, *args: str, script: str | None = None) -> str:
-        res = netns.run(CLIENT_NS, ["nft", *args], check=False, input=script)
-        if res.returncode != 0:
-            raise FloodError(f"nft {' '.join(args)} in {CLIENT_NS}: {res.stderr.strip()}")
-        return res.stdout
-
-    def _ip_batch(self, lines: list[str], check: bool) -> None:
-        res = subprocess.run(["ip", "-n", LB_NS, "-force", "-batch", "-"],
-                             input="\n".join(lines) + "\n", capture_output=True, text=True,
-                             check=False)
-        if check and res.returncode != 0:
-            raise FloodError(f"ip -n {LB_NS} -batch: {res.stderr.strip()[:500]}")
-
-    def _replies(self) -> int:
-        table = f"{NFT_TABLE}{self.spec.family}"
-        return nft_counter(self._nft("-j", "list", "table", "inet", table))
 
     def start(self) -> Flood:
         if self._proc is not None:
             raise FloodError("flood already started")
-        self._client_mac = link_mac(CLIENT_NS, CLIENT_DEV)
+        client_mac = link_mac(CLIENT_NS, CLIENT_DEV)
         lb_mac = link_mac(LB_NS, LB_DEV)
         fd, self._cfg = tempfile.mkstemp(prefix="flood-", suffix=".cfg")
         with os.fdopen(fd, "w") as f:
-            f.write(trafgen_config(self.spec, self._client_mac, lb_mac))
+            f.write(trafgen_config(self.spec, client_mac, lb_mac))
         try:
-            self._nft("-f", "-", script=nft_script(self.spec.family))
-            self._nft_up = True
-            if self.resolve:
-                self._neigh_up = True
-                self._ip_batch(neigh_batch(self.spec.family, self._client_mac, LB_DEV, True),
-                               check=True)
+            self._sink.up(client_mac)
             with netns.netns(CLIENT_NS):
                 # its own process group: SIGINT must reach trafgen's worker too
                 self._proc = subprocess.Popen(
@@ -364,14 +408,7 @@ class Flood:
         return self
 
     def _cleanup(self) -> None:
-        if self._neigh_up:
-            self._neigh_up = False
-            self._ip_batch(neigh_batch(self.spec.family, self._client_mac, LB_DEV, False),
-                           check=False)
-        if self._nft_up:
-            self._nft_up = False
-            with contextlib.suppress(FloodError):
-                self._nft("delete", "table", "inet", f"{NFT_TABLE}{self.spec.family}")
+        self._sink.down()
         if self._cfg:
             with contextlib.suppress(OSError):
                 os.unlink(self._cfg)
@@ -412,7 +449,7 @@ class Flood:
                 raise FloodError(f"trafgen failed ({proc.returncode}): {out.strip()[-800:]}")
             # Replies still in flight (TCG is slow): let them land before counting.
             time.sleep(0.3)
-            replies = self._replies() if self.resolve else None
+            replies = self._sink.replies()
             self.result = FloodResult(self.spec.kind, self.spec.target, sent,
                                       seconds if seconds else wall, replies)
             self.output = out
