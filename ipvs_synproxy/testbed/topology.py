@@ -55,11 +55,17 @@ class Host:
     sysctls: dict[str, str] = field(default_factory=dict)
 
 
+# Client source ports that tests craft their own segments from. A crafted
+# handshake may leave its connection behind in lb; the client's stack never
+# picks these ports for its own connects, so no real client lands on one.
+CRAFTED_PORTS = "40000-49999"
+
 HOSTS: tuple[Host, ...] = (
     Host("client",
          (Iface("eth0", CLIENT_BRIDGE, "02:00:00:00:01:02",
                 (f"{CLIENT4}/24", f"{CLIENT6}/64")),),
-         routes=(f"default via {LB_CLIENT4}", f"default via {LB_CLIENT6}")),
+         routes=(f"default via {LB_CLIENT4}", f"default via {LB_CLIENT6}"),
+         sysctls={"net.ipv4.ip_local_reserved_ports": CRAFTED_PORTS}),
     Host("lb",
          (Iface("eth0", CLIENT_BRIDGE, "02:00:00:00:01:01",
                 (f"{LB_CLIENT4}/24", f"{VIP4}/32", f"{LB_CLIENT6}/64", f"{VIP6}/128")),

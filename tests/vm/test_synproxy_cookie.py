@@ -42,7 +42,7 @@ from tests.vm.test_synproxy import (
 )
 from tests.vm.test_synproxy_hardening import delta, nft
 
-PSH = 0x08
+PSH, RST = 0x08, 0x04
 REQUEST = b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n"
 
 
@@ -70,6 +70,7 @@ class CraftedClient:
         self.net, self.sport, self.isn = net, sport, isn
         self.cap = Capture("client")
         self.synack = None
+        self.acked, self.sent = False, 0
 
     def syn(self, opts: bytes) -> None:
         _send_frames([_frame(self.net.version, _seg(self.sport, 80, self.isn, 0, SYN, opts))])
@@ -87,8 +88,16 @@ class CraftedClient:
         _send_frames([_frame(self.net.version,
                              _seg(self.sport, 80, self.isn + 1, self.cookie + 1,
                                   ACK | (PSH if payload else 0), opts, payload))])
+        self.sent = max(self.sent, len(payload))
+        self.acked = True
 
     def close(self) -> list[bytes]:
+        """Stop capturing; a handshake that was completed is reset, so that its
+        connection does not linger at the real server into later tests."""
+        if self.acked:
+            _send_frames([_frame(self.net.version,
+                                 _seg(self.sport, 80, self.isn + 1 + self.sent,
+                                      self.cookie + 1, RST | ACK, b""))])
         return self.cap.stop()
 
 
@@ -194,21 +203,26 @@ def _client_syns(frames: list[bytes]) -> dict[int, int]:
     return out
 
 
-def _first_data(frames: list[bytes], sport: int):
-    """The first segment from sport carrying data, with its window and the
-    window scale of the SYN/ACK from sport before it (None if none)."""
+def _first_data(frames: list[bytes], sport: int, dport: int | None = None):
+    """The first segment from sport (to dport, if given) carrying data, with its
+    window and the window scale of its flow's SYN/ACK; only flows whose SYN/ACK
+    is among the frames count, so an earlier test's connection still sending
+    from sport is not taken for this one. None if there is none."""
     from scapy.layers.inet import TCP
     from scapy.layers.l2 import Ether
 
-    wscale = None
+    wscale: dict[tuple[str, int], int | None] = {}
     for f in frames:
         pkt = Ether(f)
         if TCP not in pkt or pkt[TCP].sport != sport:
             continue
+        if dport is not None and pkt[TCP].dport != dport:
+            continue
+        flow = (pkt[TCP].underlayer.dst, int(pkt[TCP].dport))
         if pkt[TCP].flags.S and pkt[TCP].flags.A:
-            wscale = dict(pkt[TCP].options).get("WScale")
-        elif len(pkt[TCP].payload):
-            return int(pkt[TCP].window), wscale
+            wscale[flow] = dict(pkt[TCP].options).get("WScale")
+        elif len(pkt[TCP].payload) and flow in wscale:
+            return int(pkt[TCP].window), wscale[flow]
     return None
 
 
@@ -233,14 +247,15 @@ def test_the_announced_window_scale_holds_when_the_sysctl_changes_before_the_ack
             before = ext_stats_file()
             with lb_sysctls(synproxy_wscale=2):
                 peer.ack(payload=REQUEST)
-                assert wait_for(lambda: _first_data(peer.cap.frames, 80) is not None, 20), \
+                assert wait_for(lambda: _first_data(peer.cap.frames, 80, sport) is not None,
+                                20), \
                     "no answer from the real server"
             assert delta(before, "synproxy_ack_valid") == 1
         finally:
             rs_frames = from_rs.stop()
             client_frames = peer.close()
     at_rs = _first_data(rs_frames, 80)
-    at_client = _first_data(client_frames, 80)
+    at_client = _first_data(client_frames, 80, sport)
     assert at_rs is not None and at_client is not None
     (w_rs, rs_scale), (w_client, _) = at_rs, at_client
     assert rs_scale is not None, "the real server's SYN/ACK has no window scale"
