@@ -36,6 +36,7 @@ from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
 )
 from tests.vm.test_synproxy import (
     ACK,
+    FAMILIES,
     METHODS,
     SYN,
     _seg,
@@ -88,10 +89,10 @@ def http(port: int = 80, sport: int = 0, timeout: float = 5.0, send: bool = True
         return out
 
 
-def conn_states(sport: int) -> list[str]:
+def conn_states(sport: int, client: str = topology.CLIENT4) -> list[str]:
     out = netns.run("lb", ["ipvsadm", "-Lnc"]).stdout
-    return [ln.split()[2] for ln in out.splitlines()
-            if f"{topology.CLIENT4}:{sport} " in ln]
+    name = f"[{client}]:{sport} " if ":" in client else f"{client}:{sport} "
+    return [ln.split()[2] for ln in out.splitlines() if name in ln]
 
 
 @contextmanager
@@ -303,6 +304,46 @@ def test_a_new_handshake_replaces_a_closing_connection(
         assert reuse_deltas(before) == {}
         assert holder.accepted() == 1
         assert conn_states(sport) == [state]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_a_client_that_lost_its_connection_reconnects_from_the_same_port(
+        ipvs: IPVS, real_servers: dict, method: str, family: str) -> None:  # noqa: F811
+    """The client forgets a connection without a word (its RST is lost) and
+    connects again from the same port while lb still has the old one
+    ESTABLISHED. Its SYN goes to the old connection, the real server answers
+    with a challenge ACK, the client resets the old connection with it, and
+    its retried SYN gets a cookie: it is served after one SYN retry. Had the
+    SYN got a cookie at once, its ACK and request would land in the old
+    connection and hang there until it expired."""
+    net = NETS[family]
+    synproxy_service(ipvs, net, METHODS[method])
+    sport = 47100 + 10 * (family == "ipv6") + (method == "fullnat")
+    old = netns.socket_in("client", peers.family_of(net.vip), socket.SOCK_STREAM)
+    old.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    old.bind((net.client, sport))
+    old.settimeout(10)
+    old.connect((net.vip, 80))
+    assert wait_for(lambda: conn_states(sport, net.client) == ["ESTABLISHED"], 20), \
+        conn_states(sport, net.client)
+    with nft("client", f"tcp sport {sport} drop", hook="output"):
+        old.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        old.close()                     # the RST this sends never leaves the client
+        time.sleep(0.5)
+    assert conn_states(sport, net.client) == ["ESTABLISHED"]
+    before = ext_stats_file()
+    t0 = time.monotonic()
+    try:
+        reply = peers.http_get(net.vip, 80, timeout=10, source_port=sport)
+    except TimeoutError:
+        pytest.fail("the new connection hung in the old one "
+                    f"(synproxy_syn_conn +{delta(before, 'synproxy_syn_conn')})")
+    took = time.monotonic() - t0
+    assert reply.server in ("rs1", "rs2")
+    assert delta(before, "synproxy_syn_conn") >= 1
+    assert reuse_deltas(before) == {"synproxy_reuse_close": 1}
+    assert took < 8, f"served only after {took:.1f} s"
 
 
 def _send_pinned(cpu: int, frames: list[bytes], barrier: threading.Barrier) -> None:
