@@ -67,6 +67,7 @@ from ipvs_synproxy.model import (
     TunnelType,
     make_dest,
     make_service,
+    synproxy_dest_error,
 )
 from ipvs_synproxy.netlink import (
     IPVS,
@@ -75,6 +76,7 @@ from ipvs_synproxy.netlink import (
     NetlinkError,
     NotSupported,
 )
+from ipvs_synproxy.netns import socket_in
 
 _T = TypeVar("_T")
 
@@ -1180,6 +1182,18 @@ _ERRNO_TEXT = {
 }
 
 
+def _is_local_address(addr: IPAddress, ns: str | None) -> bool:
+    """Whether addr is an address of network namespace ns (it can be bound)."""
+    fam = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    sock = socket_in(ns, fam, socket.SOCK_DGRAM) if ns else socket.socket(fam, socket.SOCK_DGRAM)
+    with sock as s:
+        try:
+            s.bind((str(addr), 0))
+        except OSError:
+            return False
+    return True
+
+
 def kernel_error_text(command: str, code: int) -> str:
     return _OP_ERRORS.get((command, code)) or _ERRNO_TEXT.get(code) or os.strerror(code)
 
@@ -1247,10 +1261,12 @@ def _need(value: _T | None) -> _T:
 
 
 class _Runner:
-    def __init__(self, io: Io, connect: Callable[[], IPVS], prog: str) -> None:
+    def __init__(self, io: Io, connect: Callable[[], IPVS], prog: str,
+                 netns: str | None = None) -> None:
         self.io = io
         self.connect = connect
         self.prog = prog
+        self.netns = netns
         self._ipvs: IPVS | None = None
 
     @property
@@ -1275,8 +1291,35 @@ class _Runner:
             text = str(exc) if ours else kernel_error_text(cmd.command, exc.code)
             self.io.stderr.write(f"{text}\n")
         except NetlinkError as exc:
-            self.io.stderr.write(f"{kernel_error_text(cmd.command, exc.code)}\n")
+            why = self._synproxy_refusal(cmd) if exc.code == errno.EINVAL else None
+            self.io.stderr.write(f"{why or kernel_error_text(cmd.command, exc.code)}\n")
         return EXIT_LIST_ERROR if listing else EXIT_KERNEL
+
+    def _synproxy_refusal(self, cmd: AdmCommand) -> str | None:
+        """Why the kernel refused a real server for a SYN-proxy service, or
+        the SYN proxy for a service with such real servers; None otherwise."""
+        if cmd.service is None or cmd.command not in ("add-server", "edit-server",
+                                                      "edit-service"):
+            return None
+        try:
+            svc = self.ipvs.service(cmd.service)
+            dests = [cmd.dest] if cmd.dest is not None else list(self.ipvs.dests(svc))
+        except (NetlinkError, NotSupported):
+            return None
+        if cmd.command != "edit-service" and not svc.synproxy:
+            return None
+        if cmd.command == "edit-service" and (svc.synproxy or not cmd.service.synproxy):
+            return None
+        for d in dests:
+            if why := synproxy_dest_error(d):
+                return why
+        for d in dests:
+            if _is_local_address(d.addr, self.netns):
+                return (f"real server {d} is one of this host's own addresses: a "
+                        f"SYN-proxy service needs real servers on other hosts (its "
+                        f"replies must pass the proxy's translation)")
+        return None
+
 
     def _entries(self, services: list[Service], with_laddrs: bool
                  ) -> list[tuple[Service, Sequence[Dest], Sequence[Laddr]]]:
@@ -1386,7 +1429,7 @@ def run(argv: Sequence[str], *, netns: str | None = None, prog: str = "ipvsadm-s
     """Run one ipvsadm command line (IPVS of ``netns``); returns the exit status."""
     io = Io(stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr,
             read_conn or _read_proc_conn)
-    runner = _Runner(io, lambda: IPVS(netns), prog)
+    runner = _Runner(io, lambda: IPVS(netns), prog, netns)
     try:
         return runner.run(parse(argv))
     except AdmUsageError as exc:

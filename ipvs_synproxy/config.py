@@ -49,6 +49,7 @@ from ipvs_synproxy.model import (
     parse_endpoint,
     parse_int,
     parse_protocol,
+    synproxy_dest_error,
 )
 
 if TYPE_CHECKING:
@@ -352,6 +353,10 @@ def _read_service(r: _Reader, raw: object, line: int, path: str) -> ServiceState
                             f"duplicate real server {dest} (first on line "
                             f"{dseen[(dest.addr, dest.port)]})")
             dseen[(dest.addr, dest.port)] = r.at(dm, "addr")
+            if svc.synproxy and (why := synproxy_dest_error(dest)):
+                if "forward" in dm:
+                    raise r.err(r.at(dm, "forward"), f"{dpath}.forward", why)
+                raise r.err(r.at(m, "forward"), f"{path}.forward", why)
             dests.append(dest)
     return ServiceState(svc, tuple(dests), tuple(laddrs))
 

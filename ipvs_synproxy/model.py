@@ -300,6 +300,24 @@ class Laddr:
         return family_of(self.addr)
 
 
+# The SYN proxy rewrites sequence numbers both ways, so replies must come back
+# through the balancer: DR and TUN servers answer clients directly, a local one
+# never passes the translation. The kernel refuses these (EINVAL); this says why.
+SYNPROXY_FWD = (FwdMethod.MASQ, FwdMethod.FULLNAT)
+
+
+def synproxy_dest_error(dest: Dest) -> str | None:
+    """Why ``dest`` cannot serve a SYN-proxy service, or None if its method can
+    (whether its address is one of the balancer's own only the kernel knows)."""
+    if dest.fwd in SYNPROXY_FWD:
+        return None
+    how = {FwdMethod.ROUTE: "direct routing (-g)", FwdMethod.TUNNEL: "tunneling (-i)",
+           FwdMethod.LOCAL: "local delivery"}.get(dest.fwd, dest.fwd.name)
+    return (f"real server {dest} uses {how}: a SYN-proxy service needs NAT (-m) or "
+            f"FULLNAT (--fullnat) real servers, whose replies come back through the "
+            f"balancer")
+
+
 @dataclass(frozen=True)
 class Timeouts:
     """Connection timeouts in seconds; 0 in a request leaves that one unchanged."""

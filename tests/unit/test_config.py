@@ -149,6 +149,11 @@ BAD = [
      "not a boolean (true/false): 'yes'"),
     (f"services:\n  - vip: {VIP4}:53\n    protocol: udp\n    synproxy: true\n", "synproxy",
      "services[0].synproxy", "for TCP services only"),
+    (SVC + "    synproxy: true\n    real_servers:\n      - {addr: 192.0.2.11, forward: dr}\n",
+     "dr}", "services[0].real_servers[0].forward", "uses direct routing (-g): a SYN-proxy "
+     "service needs NAT (-m) or FULLNAT"),
+    (SVC + "    synproxy: true\n    forward: tunnel\n    real_servers:\n"
+     "      - {addr: 192.0.2.11}\n", "tunnel", "services[0].forward", "uses tunneling (-i)"),
     (SVC + "    laddrs: 192.0.2.100\n", "laddrs", "services[0].laddrs", "expected a list"),
     (SVC + "    laddrs: [192.0.2.100, 2001:db8:2::100]\n", "laddrs", "services[0].laddrs[1]",
      "not of the service's family"),

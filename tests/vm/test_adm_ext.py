@@ -112,3 +112,46 @@ def test_edit_turns_synproxy_off_unless_repeated(lb: None) -> None:
     assert f"-A -t {S4} -s rr --synproxy\n" in sp("-S", "-n")[1]
     assert sp("-E", "-t", S4, "-s", "rr") == (0, "", "")  # ipvsadm -E sets every field
     assert f"-A -t {S4} -s rr\n" in sp("-S", "-n")[1]
+
+
+# A SYN-proxy service translates both directions: the kernel refuses real
+# servers whose replies would not come back through it (EINVAL, nothing
+# changed), and adm says why.
+SYNPROXY_REFUSED = [
+    (["-a", "-t", S4, "-r", f"{R1}:80", "-g"], "uses direct routing (-g)"),
+    (["-a", "-t", S4, "-r", f"{R1}:80", "-i"], "uses tunneling (-i)"),
+    (["-a", "-t", S4, "-r", f"{topology.LB_SERVER4}:80", "-m"],
+     "is one of this host's own addresses"),
+    (["-a", "-t", S6, "-r", f"[{R61}]:80", "-g"], "uses direct routing (-g)"),
+    (["-a", "-t", S6, "-r", f"[{topology.LB_SERVER6}]:80", "--fullnat"],
+     "is one of this host's own addresses"),
+]
+
+
+def test_synproxy_refuses_real_servers_whose_replies_bypass_it(lb: None) -> None:
+    assert sp("-A", "-t", S4, "-s", "rr", "--synproxy") == (0, "", "")
+    assert sp("-A", "-t", S6, "-s", "rr", "--synproxy") == (0, "", "")
+    before = sp("-S", "-n")
+    for argv, why in SYNPROXY_REFUSED:
+        rc, out, err = sp(*argv)
+        assert (rc, out) == (255, ""), (argv, rc, out, err)
+        assert why in err and "SYN-proxy service needs" in err, (argv, err)
+    assert sp("-S", "-n") == before                     # nothing changed
+    assert sp("-a", "-t", S4, "-r", f"{R1}:80", "-m") == (0, "", "")
+    assert sp("-a", "-t", S6, "-r", f"[{R61}]:80", "--fullnat") == (0, "", "")
+    # an existing DR real server cannot be edited into one either way
+    assert sp("-e", "-t", S4, "-r", f"{R1}:80", "-g")[0] == 255
+    assert f"-a -t {S4} -r {R1}:80 -m -w 1\n" in sp("-S", "-n")[1]
+
+
+def test_the_synproxy_flag_is_refused_for_a_service_with_dr_servers(lb: None) -> None:
+    assert sp("-A", "-t", S4, "-s", "rr") == (0, "", "")
+    assert sp("-a", "-t", S4, "-r", f"{R1}:80", "-m") == (0, "", "")
+    assert sp("-a", "-t", S4, "-r", f"{R2}:80", "-g") == (0, "", "")
+    before = sp("-S", "-n")
+    rc, out, err = sp("-E", "-t", S4, "-s", "rr", "--synproxy")
+    assert (rc, out) == (255, ""), err
+    assert f"real server {R2}:80 uses direct routing (-g)" in err, err
+    assert sp("-S", "-n") == before
+    assert sp("-d", "-t", S4, "-r", f"{R2}:80") == (0, "", "")
+    assert sp("-E", "-t", S4, "-s", "rr", "--synproxy") == (0, "", "")
