@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import socketserver
+import struct
 import threading
 from dataclasses import dataclass
 
@@ -94,8 +95,10 @@ class Reply:
 
 
 def http_get(addr: str, port: int = 80, ns: str = "client", timeout: float = 15.0,
-             source_port: int = 0) -> Reply:
-    """One HTTP/1.0 GET from namespace ``ns``; returns who answered and whom it saw."""
+             source_port: int = 0, reset: bool = False) -> Reply:
+    """One HTTP/1.0 GET from namespace ``ns``; returns who answered and whom it saw.
+    With ``reset`` the client ends the connection with a RST instead of a FIN,
+    so that the balancer forgets it in seconds (CLOSE), not after TIME_WAIT."""
     fam = family_of(addr)
     with ns_socket(ns, fam) as s:
         s.settimeout(timeout)
@@ -108,6 +111,8 @@ def http_get(addr: str, port: int = 80, ns: str = "client", timeout: float = 15.
         data = b""
         while chunk := s.recv(65536):
             data += chunk
+        if reset:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     head, _, body = data.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.0 200"):
         raise ConnectionError(f"bad reply from {addr}:{port}: {data[:200]!r}")

@@ -55,17 +55,19 @@ class Host:
     sysctls: dict[str, str] = field(default_factory=dict)
 
 
-# Client source ports that tests craft their own segments from. A crafted
-# handshake may leave its connection behind in lb; the client's stack never
-# picks these ports for its own connects, so no real client lands on one.
-CRAFTED_PORTS = "40000-49999"
+# Client source ports that tests craft their own segments from (40000-49999)
+# lie below the client's ephemeral range: a crafted handshake may leave its
+# connection behind in lb, and no real client's connect lands on its tuple.
+# (Reserving them inside the range instead would make every destination whose
+# random start falls among them begin at the same port, 50000.)
+EPHEMERAL_PORTS = "50000 64999"
 
 HOSTS: tuple[Host, ...] = (
     Host("client",
          (Iface("eth0", CLIENT_BRIDGE, "02:00:00:00:01:02",
                 (f"{CLIENT4}/24", f"{CLIENT6}/64")),),
          routes=(f"default via {LB_CLIENT4}", f"default via {LB_CLIENT6}"),
-         sysctls={"net.ipv4.ip_local_reserved_ports": CRAFTED_PORTS}),
+         sysctls={"net.ipv4.ip_local_port_range": EPHEMERAL_PORTS}),
     Host("lb",
          (Iface("eth0", CLIENT_BRIDGE, "02:00:00:00:01:01",
                 (f"{LB_CLIENT4}/24", f"{VIP4}/32", f"{LB_CLIENT6}/64", f"{VIP6}/128")),

@@ -162,22 +162,30 @@ def transfer(vip: str, port: int, direction: str, n: int = XFER, check: bool = T
     with conn:
         conn.settimeout(timeout)
         conn.connect((vip, port))
-        t0 = time.monotonic()
-        if direction == "download":
-            conn.sendall(b"D" + struct.pack("!Q", n))
-            if not check:
-                sink(conn, n)
-                return n / MB / (time.monotonic() - t0)
-            digest = recv_digest(conn, n)
-        elif direction == "upload":
-            conn.sendall((b"U" if check else b"S") + struct.pack("!Q", n))
-            send_blob(conn, n)
-            digest = recv_exact(conn, 32).hex()
-            if not check:
-                return n / MB / (time.monotonic() - t0)
-        else:
-            raise ValueError(f"direction must be download or upload, not {direction!r}")
-        elapsed = time.monotonic() - t0
+        try:
+            return _transfer_on(conn, direction, n, check)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{direction} from port {conn.getsockname()[1]} stalled") \
+                from exc
+
+
+def _transfer_on(conn: socket.socket, direction: str, n: int, check: bool) -> float:
+    t0 = time.monotonic()
+    if direction == "download":
+        conn.sendall(b"D" + struct.pack("!Q", n))
+        if not check:
+            sink(conn, n)
+            return n / MB / (time.monotonic() - t0)
+        digest = recv_digest(conn, n)
+    elif direction == "upload":
+        conn.sendall((b"U" if check else b"S") + struct.pack("!Q", n))
+        send_blob(conn, n)
+        digest = recv_exact(conn, 32).hex()
+        if not check:
+            return n / MB / (time.monotonic() - t0)
+    else:
+        raise ValueError(f"direction must be download or upload, not {direction!r}")
+    elapsed = time.monotonic() - t0
     if digest != expected_digest(n):
         raise ConnectionError(f"{direction} of {n} bytes arrived changed")
     return n / MB / elapsed

@@ -578,8 +578,12 @@ def _transfer_or_explain(net: Net, direction: str, synproxy: bool,
     except TimeoutError as e:
         now = ext_stats_file()
         moved = {k: v - start.get(k, 0) for k, v in now.items() if v != start.get(k, 0)}
+        port = str(e).split(" from port ")[-1].split()[0]
+        conns = [ln for ln in netns.run("lb", ["ipvsadm", "-Lnc"]).stdout.splitlines()
+                 if f":{port} " in ln or f"]:{port} " in ln]
         raise AssertionError(f"{direction} with the proxy {'on' if synproxy else 'off'} "
-                             f"stalled; counters that moved this round: {moved}") from e
+                             f"stalled ({e}); counters that moved this round: {moved}; "
+                             f"lb's connections of that port: {conns}") from e
 
 
 # ---- SACK under loss ----------------------------------------------------------------------

@@ -101,8 +101,8 @@ def test_a_duplicate_of_the_cookie_ack_in_close_wait_keeps_the_connection(
             s.connect((topology.VIP4, PORT))
             sport = s.getsockname()[1]
             s.shutdown(socket.SHUT_WR)
-            assert wait_for(lambda: conn_states(sport) == ["CLOSE_WAIT"], 10), \
-                conn_states(sport)
+            assert wait_for(lambda: conn_states(sport, vport=PORT) == ["CLOSE_WAIT"], 10), \
+                conn_states(sport, vport=PORT)
         finally:
             frames = at_lb.stop()
         handshake = next(p for p in _tcp_segments(frames, PORT)
@@ -110,8 +110,8 @@ def test_a_duplicate_of_the_cookie_ack_in_close_wait_keeps_the_connection(
         before = ext_stats_file()
         _send_frames([_frame(4, _seg(sport, PORT, handshake.seq, handshake.ack,
                                      DUPLICATES[duplicate], window=handshake.window))])
-        assert not wait_for(lambda: conn_states(sport) != ["CLOSE_WAIT"], 2), \
-            conn_states(sport)
+        assert not wait_for(lambda: conn_states(sport, vport=PORT) != ["CLOSE_WAIT"], 2), \
+            conn_states(sport, vport=PORT)
         answer_later.go.set()
         assert _recv_all(s) == REPLY, "the live connection was torn down"
     assert delta(before, "synproxy_reuse_close_wait") == 0
