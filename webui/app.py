@@ -14,6 +14,7 @@ from webui import api, auth, metrics, pages
 from webui.audit import AuditLog
 from webui.service import ConsoleError, ConsoleService
 from webui.settings import Settings, check_users
+from webui.throttle import Throttle
 
 # No inline script or style anywhere: the CSP allows only this origin's files.
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -38,7 +39,8 @@ def build(settings: Settings, service: ConsoleService | None = None) -> Flask:
     app.config.update(settings.extra)
     app.extensions["ipvs_console"] = service or ConsoleService.for_netns(settings.netns)
     app.extensions["ipvs_audit"] = AuditLog(settings.audit_log)
-    app.extensions["ipvs_login_throttle"] = auth.LoginThrottle()
+    app.extensions["ipvs_throttle"] = Throttle(
+        protected=lambda name: name in app.config["CONSOLE_USERS"])
     app.extensions["ipvs_metrics"] = metrics.make_registry(app.extensions["ipvs_console"])
 
     app.before_request(auth.load_user)

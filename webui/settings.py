@@ -33,7 +33,7 @@ import yaml
 ROLES = ("admin", "readonly")
 DEFAULT_LISTEN = ("127.0.0.1", 8080)
 SECRET_LEN = 32
-_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 _KEYS = ("listen", "netns", "secret_key_file", "audit_log", "users", "session_cookie_secure")
 _USER_KEYS = ("name", "role", "password_hash", "token_hash")
 
@@ -123,7 +123,7 @@ def _read_users(raw: object, source: str) -> dict[str, User]:
             raise SettingsError(f"{where}: unknown key {unknown[0]!r} "
                                 f"(expected: {', '.join(_USER_KEYS)})")
         name = entry.get("name")
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise SettingsError(f"{where}: name: 1-64 of A-Z a-z 0-9 _ . @ -")
         if name in users:
             raise SettingsError(f"{where}: duplicate user {name!r}")
@@ -181,7 +181,7 @@ def load(path: str) -> Settings:
     listen = parse_listen(str(raw["listen"]), f"{path}: listen") if "listen" in raw \
         else DEFAULT_LISTEN
     netns = raw.get("netns")
-    if netns is not None and (not isinstance(netns, str) or not _NAME.fullmatch(netns)):
+    if netns is not None and (not isinstance(netns, str) or not NAME_RE.fullmatch(netns)):
         raise SettingsError(f"{path}: netns: not a namespace name: {netns!r}")
     secure = raw.get("session_cookie_secure", False)
     if not isinstance(secure, bool):

@@ -67,6 +67,7 @@ def app(tmp_path: Path, kernel: Kernel, clock: Clock, sysctl_dir: Path) -> Itera
                                                  "inbytes": 17000, "outbytes": 16000},
                              clock=clock)
     a = create_app(settings, service)
+    a.extensions["ipvs_throttle"].clock = clock
     yield a
     a.extensions["ipvs_audit"].close()
 
