@@ -13,6 +13,7 @@ from ipvs_synproxy import stats
 from webui import api, auth, metrics, pages
 from webui.audit import AuditLog
 from webui.service import ConsoleError, ConsoleService
+from webui.sessions import SessionStore
 from webui.settings import Settings, check_users
 from webui.throttle import Throttle
 
@@ -30,7 +31,10 @@ def build(settings: Settings, service: ConsoleService | None = None) -> Flask:
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
         SESSION_COOKIE_SECURE=settings.session_cookie_secure,
-        PERMANENT_SESSION_LIFETIME=datetime.timedelta(hours=8),
+        # The cookie's own expiry does not slide; the server-side session (webui/sessions.py)
+        # ends after the idle time or the absolute lifetime, whichever comes first.
+        PERMANENT_SESSION_LIFETIME=datetime.timedelta(seconds=settings.session_lifetime),
+        SESSION_REFRESH_EACH_REQUEST=False,
         MAX_CONTENT_LENGTH=64 * 1024,
         CONSOLE_USERS=dict(settings.users),
         CONSOLE_NETNS=settings.netns,
@@ -39,6 +43,8 @@ def build(settings: Settings, service: ConsoleService | None = None) -> Flask:
     app.config.update(settings.extra)
     app.extensions["ipvs_console"] = service or ConsoleService.for_netns(settings.netns)
     app.extensions["ipvs_audit"] = AuditLog(settings.audit_log)
+    app.extensions["ipvs_sessions"] = SessionStore(idle=settings.session_idle,
+                                                   lifetime=settings.session_lifetime)
     app.extensions["ipvs_throttle"] = Throttle(
         protected=lambda name: name in app.config["CONSOLE_USERS"])
     app.extensions["ipvs_metrics"] = metrics.make_registry(app.extensions["ipvs_console"])

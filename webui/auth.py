@@ -36,6 +36,7 @@ from flask import (
 from flask.typing import ResponseReturnValue
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from webui.sessions import SessionStore
 from webui.settings import NAME_RE, User
 from webui.throttle import Throttle, Throttled
 
@@ -83,6 +84,10 @@ def well_formed(kind: str, name: str, secret: str) -> bool:
         return TOKEN_MIN <= len(secret) <= TOKEN_MAX and secret.isascii() and \
             secret.isprintable() and " " not in secret
     return 0 < len(secret) <= PASSWORD_MAX
+
+
+def sessions() -> SessionStore:
+    return cast(SessionStore, current_app.extensions["ipvs_sessions"])
 
 
 def throttle() -> Throttle:
@@ -149,10 +154,9 @@ def load_user() -> ResponseReturnValue | None:
             return resp
         g.user, g.via_token = user, True
         return None
-    name = session.get("user")
-    user = _users().get(name) if isinstance(name, str) else None
+    user = sessions().check(session.get("sid"), _users())
     if user is None:
-        session.pop("user", None)
+        session.pop("sid", None)
         if is_api():
             return api_error(401, "login required (session or Authorization: Bearer "
                                   "NAME:TOKEN)")
@@ -212,7 +216,7 @@ def login() -> ResponseReturnValue:
         if user is not None:
             session.clear()  # a new session: nothing carried over from before login
             session.permanent = True
-            session["user"] = user.name
+            session["sid"] = sessions().create(user)
             csrf_token()
             current_app.logger.info("login: %s from %s", user.name, request.remote_addr)
             return redirect(_safe_next(request.args.get("next")))
@@ -225,5 +229,6 @@ def login() -> ResponseReturnValue:
 
 @bp.route("/logout", methods=["POST"])
 def logout() -> ResponseReturnValue:
+    sessions().end(session.get("sid"))
     session.clear()
     return redirect(url_for("auth.login"))

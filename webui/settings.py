@@ -6,6 +6,8 @@ netns: lb                       # optional: act on IPVS in this network namespac
 secret_key_file: /etc/ipvs-synproxy/webui.key   # signs sessions; created (0600) if absent
 audit_log: /var/log/ipvs-synproxy/webui-audit.log
 session_cookie_secure: false    # true when served behind HTTPS
+session_idle_minutes: 60        # a session ends after this long without a request
+session_lifetime_hours: 8       # and this long after login, however active
 users:
   - name: alice
     role: admin                 # admin: may change things; readonly: may look
@@ -34,7 +36,8 @@ ROLES = ("admin", "readonly")
 DEFAULT_LISTEN = ("127.0.0.1", 8080)
 SECRET_LEN = 32
 NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
-_KEYS = ("listen", "netns", "secret_key_file", "audit_log", "users", "session_cookie_secure")
+_KEYS = ("listen", "netns", "secret_key_file", "audit_log", "users", "session_cookie_secure",
+         "session_idle_minutes", "session_lifetime_hours")
 _USER_KEYS = ("name", "role", "password_hash", "token_hash")
 
 
@@ -62,6 +65,8 @@ class Settings:
     netns: str | None = None
     listen: tuple[str, int] = DEFAULT_LISTEN
     session_cookie_secure: bool = False
+    session_idle: int = 3600  # seconds without a request before a session ends
+    session_lifetime: int = 8 * 3600  # seconds after login when it ends regardless
     extra: Mapping[str, object] = field(default_factory=dict)  # Flask config overrides
 
 
@@ -186,6 +191,17 @@ def load(path: str) -> Settings:
     secure = raw.get("session_cookie_secure", False)
     if not isinstance(secure, bool):
         raise SettingsError(f"{path}: session_cookie_secure: true or false")
+    idle = _number(raw, "session_idle_minutes", 60, 1, 24 * 60, path)
+    lifetime = _number(raw, "session_lifetime_hours", 8, 1, 7 * 24, path)
     return Settings(users=users, secret_key=read_secret_key(_path("secret_key_file")),
                     audit_log=_path("audit_log"), netns=netns, listen=listen,
-                    session_cookie_secure=secure)
+                    session_cookie_secure=secure, session_idle=idle * 60,
+                    session_lifetime=lifetime * 3600)
+
+
+def _number(raw: Mapping[str, object], key: str, default: int, lo: int, hi: int,
+            source: str) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise SettingsError(f"{source}: {key}: a whole number {lo}-{hi}, got {value!r}")
+    return value

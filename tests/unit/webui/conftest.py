@@ -68,6 +68,7 @@ def app(tmp_path: Path, kernel: Kernel, clock: Clock, sysctl_dir: Path) -> Itera
                              clock=clock)
     a = create_app(settings, service)
     a.extensions["ipvs_throttle"].clock = clock
+    a.extensions["ipvs_sessions"].clock = clock
     yield a
     a.extensions["ipvs_audit"].close()
 
