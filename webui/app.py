@@ -5,16 +5,17 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from flask import Flask, Response, jsonify, render_template, request
+from flask import Flask, Response, abort, jsonify, render_template, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ipvs_synproxy import stats
 from webui import api, auth, metrics, pages
 from webui.audit import AuditLog
 from webui.service import ConsoleError, ConsoleService
 from webui.sessions import SessionStore
-from webui.settings import Settings, check_users
+from webui.settings import Settings, check_users, host_name, trusted_hosts
 from webui.throttle import Throttle
 
 # No inline script or style anywhere: the CSP allows only this origin's files.
@@ -49,6 +50,15 @@ def build(settings: Settings, service: ConsoleService | None = None) -> Flask:
         protected=lambda name: name in app.config["CONSOLE_USERS"])
     app.extensions["ipvs_metrics"] = metrics.make_registry(app.extensions["ipvs_console"])
 
+    hosts = trusted_hosts(settings)
+
+    @app.before_request
+    def _trusted_host() -> None:
+        # Before anything else, /metrics and the login page included: a page reached
+        # through a DNS name that is not ours (DNS rebinding) gets nothing.
+        if host_name(request.host) not in hosts:
+            abort(400, "this console does not answer to that host name (trusted_hosts)")
+
     app.before_request(auth.load_user)
     app.register_blueprint(auth.bp)
     app.register_blueprint(pages.bp)
@@ -76,6 +86,10 @@ def build(settings: Settings, service: ConsoleService | None = None) -> Flask:
     def _http_error(exc: HTTPException) -> ResponseReturnValue:
         return _error(exc.code or 500, exc.description or exc.name, None)
 
+    if settings.trusted_proxies:
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies,
+            x_host=settings.trusted_proxies)
     return app
 
 

@@ -54,8 +54,9 @@ def _cmd_webui(args: argparse.Namespace) -> int:
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     print(f"ipvs-synproxy console on http://{where}/"
           f"{' (netns ' + st.netns + ')' if st.netns else ''}", flush=True)
+    # waitress refuses a body over the app's limit before buffering it (to disk, otherwise)
     waitress.serve(app, host=host, port=port, threads=args.threads, ident="ipvs-synproxy",
-                   _quiet=True)
+                   max_request_body_size=app.config["MAX_CONTENT_LENGTH"], _quiet=True)
     return 0
 
 

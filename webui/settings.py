@@ -8,6 +8,10 @@ audit_log: /var/log/ipvs-synproxy/webui-audit.log
 session_cookie_secure: false    # true when served behind HTTPS
 session_idle_minutes: 60        # a session ends after this long without a request
 session_lifetime_hours: 8       # and this long after login, however active
+trusted_hosts: [lb1.example.net]  # Host names the console answers to (default:
+                                # localhost, 127.0.0.1, [::1] and the listen address)
+trusted_proxies: 0              # reverse proxies in front (their X-Forwarded-For,
+                                # -Proto and -Host are believed only when > 0)
 users:
   - name: alice
     role: admin                 # admin: may change things; readonly: may look
@@ -35,9 +39,10 @@ import yaml
 ROLES = ("admin", "readonly")
 DEFAULT_LISTEN = ("127.0.0.1", 8080)
 SECRET_LEN = 32
+_HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 _KEYS = ("listen", "netns", "secret_key_file", "audit_log", "users", "session_cookie_secure",
-         "session_idle_minutes", "session_lifetime_hours")
+         "session_idle_minutes", "session_lifetime_hours", "trusted_hosts", "trusted_proxies")
 _USER_KEYS = ("name", "role", "password_hash", "token_hash")
 
 
@@ -67,6 +72,8 @@ class Settings:
     session_cookie_secure: bool = False
     session_idle: int = 3600  # seconds without a request before a session ends
     session_lifetime: int = 8 * 3600  # seconds after login when it ends regardless
+    trusted_hosts: tuple[str, ...] | None = None  # None: loopback names + listen address
+    trusted_proxies: int = 0  # reverse proxies in front whose X-Forwarded-* to believe
     extra: Mapping[str, object] = field(default_factory=dict)  # Flask config overrides
 
 
@@ -89,6 +96,29 @@ def parse_listen(text: str, source: str = "listen") -> tuple[str, int]:
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise SettingsError(f"{source}: not a port number: {port_text!r}")
     return host, int(port_text)
+
+
+def format_host(host: str) -> str:
+    """A host as it appears in a Host header: IPv6 addresses in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def host_name(header: str) -> str:
+    """The name part of a Host header value (no port), lower case."""
+    text = header.strip().lower()
+    if text.startswith("["):
+        return text.partition("]")[0] + "]"
+    return text.partition(":")[0]
+
+
+def trusted_hosts(st: Settings) -> frozenset[str]:
+    """The Host names the console answers to (anything else: 400)."""
+    if st.trusted_hosts is not None:
+        return frozenset(host_name(h) for h in st.trusted_hosts)
+    names = {"localhost", "127.0.0.1", "[::1]"}
+    if not ipaddress.ip_address(st.listen[0]).is_unspecified:
+        names.add(format_host(st.listen[0]))
+    return frozenset(names)
 
 
 def is_loopback(host: str) -> bool:
@@ -191,12 +221,19 @@ def load(path: str) -> Settings:
     secure = raw.get("session_cookie_secure", False)
     if not isinstance(secure, bool):
         raise SettingsError(f"{path}: session_cookie_secure: true or false")
+    hosts = raw.get("trusted_hosts")
+    if hosts is not None and (not isinstance(hosts, list) or not hosts or not all(
+            isinstance(h, str) and _HOST_RE.fullmatch(h) for h in hosts)):
+        raise SettingsError(f"{path}: trusted_hosts: a list of host names or addresses "
+                            "(IPv6 in brackets), e.g. [lb1.example.net, 192.0.2.5]")
     idle = _number(raw, "session_idle_minutes", 60, 1, 24 * 60, path)
     lifetime = _number(raw, "session_lifetime_hours", 8, 1, 7 * 24, path)
     return Settings(users=users, secret_key=read_secret_key(_path("secret_key_file")),
                     audit_log=_path("audit_log"), netns=netns, listen=listen,
                     session_cookie_secure=secure, session_idle=idle * 60,
-                    session_lifetime=lifetime * 3600)
+                    session_lifetime=lifetime * 3600,
+                    trusted_hosts=tuple(hosts) if hosts is not None else None,
+                    trusted_proxies=_number(raw, "trusted_proxies", 0, 0, 5, path))
 
 
 def _number(raw: Mapping[str, object], key: str, default: int, lo: int, hi: int,
