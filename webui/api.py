@@ -18,7 +18,15 @@ OPENAPI = Path(__file__).with_name("openapi.json")
 
 
 def _body() -> dict[str, Any]:
-    data = request.get_json(silent=True)
+    """The request's JSON object; anything else (not JSON, not an object, nested too
+    deep for the parser, not UTF-8) is a 400."""
+    if not request.is_json:
+        raise InputError("the request body must be a JSON object "
+                         "(Content-Type: application/json)")
+    try:
+        data = json.loads(request.get_data(as_text=False))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise InputError("the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise InputError("the request body must be a JSON object")
     return data

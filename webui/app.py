@@ -42,7 +42,8 @@ def build(settings: Settings, service: ConsoleService | None = None) -> Flask:
         AUDIT_LOG=settings.audit_log,
     )
     app.config.update(settings.extra)
-    app.extensions["ipvs_console"] = service or ConsoleService.for_netns(settings.netns)
+    app.extensions["ipvs_console"] = service or ConsoleService.for_netns(
+        settings.netns, allow_loopback=settings.allow_loopback_real_servers)
     app.extensions["ipvs_audit"] = AuditLog(settings.audit_log)
     app.extensions["ipvs_sessions"] = SessionStore(idle=settings.session_idle,
                                                    lifetime=settings.session_lifetime)

@@ -186,12 +186,18 @@ def admin_required(view: F) -> F:
 
 def _safe_next(target: str | None) -> str:
     """Only local paths: never redirect a login to another site."""
-    if not target:
-        return url_for("pages.overview")
-    parts = urlsplit(target)
+    home = url_for("pages.overview")
+    # Printable ASCII only: no CR/LF (header injection), no spaces, nothing a browser
+    # might normalise into another host.
+    if not target or not all("!" <= c <= "~" for c in target):
+        return home
+    try:
+        parts = urlsplit(target)
+    except ValueError:  # "//[x": not even a URL
+        return home
     if parts.scheme or parts.netloc or not target.startswith("/") or \
             target.startswith("//") or "\\" in target:
-        return url_for("pages.overview")
+        return home
     return target
 
 

@@ -10,6 +10,7 @@ session_idle_minutes: 60        # a session ends after this long without a reque
 session_lifetime_hours: 8       # and this long after login, however active
 trusted_hosts: [lb1.example.net]  # Host names the console answers to (default:
                                 # localhost, 127.0.0.1, [::1] and the listen address)
+allow_loopback_real_servers: false  # 127.0.0.1/::1 as real servers only if true
 trusted_proxies: 0              # reverse proxies in front (their X-Forwarded-For,
                                 # -Proto and -Host are believed only when > 0)
 users:
@@ -36,13 +37,16 @@ from pathlib import Path
 
 import yaml
 
+from webui import validate
+
 ROLES = ("admin", "readonly")
 DEFAULT_LISTEN = ("127.0.0.1", 8080)
 SECRET_LEN = 32
 _HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 _KEYS = ("listen", "netns", "secret_key_file", "audit_log", "users", "session_cookie_secure",
-         "session_idle_minutes", "session_lifetime_hours", "trusted_hosts", "trusted_proxies")
+         "session_idle_minutes", "session_lifetime_hours", "trusted_hosts", "trusted_proxies",
+         "allow_loopback_real_servers")
 _USER_KEYS = ("name", "role", "password_hash", "token_hash")
 
 
@@ -74,6 +78,7 @@ class Settings:
     session_lifetime: int = 8 * 3600  # seconds after login when it ends regardless
     trusted_hosts: tuple[str, ...] | None = None  # None: loopback names + listen address
     trusted_proxies: int = 0  # reverse proxies in front whose X-Forwarded-* to believe
+    allow_loopback_real_servers: bool = False
     extra: Mapping[str, object] = field(default_factory=dict)  # Flask config overrides
 
 
@@ -93,9 +98,10 @@ def parse_listen(text: str, source: str = "listen") -> tuple[str, int]:
         ipaddress.ip_address(host)
     except ValueError:
         raise SettingsError(f"{source}: not an IP address: {host!r}") from None
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise SettingsError(f"{source}: not a port number: {port_text!r}")
-    return host, int(port_text)
+    try:
+        return host, validate.port(port_text)
+    except validate.Invalid:
+        raise SettingsError(f"{source}: not a port number: {port_text!r}") from None
 
 
 def format_host(host: str) -> str:
@@ -137,10 +143,13 @@ def check_users(users: Mapping[str, User]) -> None:
             raise SettingsError(f"user {u.name}: role must be one of {', '.join(ROLES)}")
         if not u.password_hash and not u.token_hash:
             raise SettingsError(f"user {u.name}: needs password_hash or token_hash")
-        for h in (u.password_hash, u.token_hash):
-            if h is not None and ":" not in h:  # werkzeug: method:params$salt$hash
-                raise SettingsError(f"user {u.name}: {h[:12]!r}… is not a password hash "
-                                    "(never put a clear-text password in the file)")
+        for key, h in (("password_hash", u.password_hash), ("token_hash", u.token_hash)):
+            if h is None:
+                continue
+            try:
+                validate.password_hash(h, key)
+            except validate.Invalid as exc:
+                raise SettingsError(f"user {u.name}: {exc}") from None
 
 
 def _read_users(raw: object, source: str) -> dict[str, User]:
@@ -221,6 +230,9 @@ def load(path: str) -> Settings:
     secure = raw.get("session_cookie_secure", False)
     if not isinstance(secure, bool):
         raise SettingsError(f"{path}: session_cookie_secure: true or false")
+    loopback = raw.get("allow_loopback_real_servers", False)
+    if not isinstance(loopback, bool):
+        raise SettingsError(f"{path}: allow_loopback_real_servers: true or false")
     hosts = raw.get("trusted_hosts")
     if hosts is not None and (not isinstance(hosts, list) or not hosts or not all(
             isinstance(h, str) and _HOST_RE.fullmatch(h) for h in hosts)):
@@ -233,7 +245,8 @@ def load(path: str) -> Settings:
                     session_cookie_secure=secure, session_idle=idle * 60,
                     session_lifetime=lifetime * 3600,
                     trusted_hosts=tuple(hosts) if hosts is not None else None,
-                    trusted_proxies=_number(raw, "trusted_proxies", 0, 0, 5, path))
+                    trusted_proxies=_number(raw, "trusted_proxies", 0, 0, 5, path),
+                    allow_loopback_real_servers=loopback)
 
 
 def _number(raw: Mapping[str, object], key: str, default: int, lo: int, hi: int,

@@ -25,9 +25,15 @@ from tests.unit.webui.support import (
     login,
     make_users,
 )
-from webui import create_app
+from webui import create_app, validate
 from webui.service import ConsoleService
 from webui.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def _fast_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests' users have quick pbkdf2 hashes (FAST): accept those here only."""
+    monkeypatch.setattr(validate, "PBKDF2_MIN_ITERATIONS", 1000)
 
 
 @pytest.fixture
