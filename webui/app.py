@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from flask import Flask, Response, abort, jsonify, render_template, request
+from flask import Flask, Response, abort, g, jsonify, render_template, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ipvs_synproxy import stats
 from webui import api, auth, metrics, pages
+from webui.actions import audit_refusal
 from webui.audit import AuditLog
 from webui.service import ConsoleError, ConsoleService
 from webui.sessions import SessionStore
@@ -44,7 +45,7 @@ def build(settings: Settings, service: ConsoleService | None = None) -> Flask:
     app.config.update(settings.extra)
     app.extensions["ipvs_console"] = service or ConsoleService.for_netns(
         settings.netns, allow_loopback=settings.allow_loopback_real_servers)
-    app.extensions["ipvs_audit"] = AuditLog(settings.audit_log)
+    app.extensions["ipvs_audit"] = AuditLog(settings.audit_log, settings.audit_log_gid)
     app.extensions["ipvs_sessions"] = SessionStore(idle=settings.session_idle,
                                                    lifetime=settings.session_lifetime)
     app.extensions["ipvs_throttle"] = Throttle(
@@ -69,6 +70,8 @@ def build(settings: Settings, service: ConsoleService | None = None) -> Flask:
     app.jinja_env.autoescape = True
     app.jinja_env.filters["human"] = stats.human
 
+    app.after_request(audit_refusal)
+
     @app.after_request
     def _headers(resp: Response) -> Response:
         resp.headers.setdefault("Content-Security-Policy", CSP)
@@ -81,10 +84,12 @@ def build(settings: Settings, service: ConsoleService | None = None) -> Flask:
 
     @app.errorhandler(ConsoleError)
     def _console_error(exc: ConsoleError) -> ResponseReturnValue:
+        g.refusal = exc.message
         return _error(exc.status, exc.message, exc.field)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> ResponseReturnValue:
+        g.refusal = exc.description or exc.name
         return _error(exc.code or 500, exc.description or exc.name, None)
 
     if settings.trusted_proxies:

@@ -98,6 +98,7 @@ def verify(kind: str, name: str, secret: str) -> User | None:
     """Check a password (``kind`` "password") or API token ("token") through the
     throttle; :class:`Throttled` when this account or address must wait."""
     ok_form = well_formed(kind, name, secret)
+    g.attempted_user = name
     with throttle().attempt(kind, name if ok_form else "?", request.remote_addr) as att:
         if not ok_form:
             return None
@@ -120,6 +121,7 @@ def _token_user(header: str) -> User | None:
 
 def _too_many(exc: Throttled) -> ResponseReturnValue:
     message = f"too many failed attempts: retry in {exc.retry_after} s"
+    g.refusal = message
     resp = api_error(429, message) if is_api() else (message, 429)
     out = current_app.make_response(resp)
     out.headers["Retry-After"] = str(exc.retry_after)
@@ -149,6 +151,7 @@ def load_user() -> ResponseReturnValue | None:
         except Throttled as exc:
             return _too_many(exc)
         if user is None:
+            g.refusal = "invalid API token"
             resp = api_error(401, "invalid API token") if is_api() else ("invalid API "
                                                                          "token", 401)
             return resp
@@ -163,6 +166,7 @@ def load_user() -> ResponseReturnValue | None:
         return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
     g.user = user
     if request.method in UNSAFE_METHODS and not csrf_ok():
+        g.refusal = "CSRF token missing or wrong"
         if is_api():
             return api_error(400, "CSRF token missing or wrong (send X-CSRF-Token)")
         abort(400, "CSRF token missing or wrong: reload the page and try again")
@@ -176,6 +180,7 @@ def admin_required(view: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         user: User | None = g.get("user")
         if user is None or not user.is_admin:
+            g.refusal = "this action needs the admin role"
             if is_api():
                 return api_error(403, "this action needs the admin role")
             abort(403, "this action needs the admin role")
@@ -218,6 +223,7 @@ def login() -> ResponseReturnValue:
                 "login.html", error=f"Too many failed logins: try again in "
                 f"{exc.retry_after} s.", next=request.args.get("next", "")), 429))
             resp.headers["Retry-After"] = str(exc.retry_after)
+            g.refusal = f"throttled: retry in {exc.retry_after} s"
             return resp
         if user is not None:
             session.clear()  # a new session: nothing carried over from before login
@@ -229,6 +235,7 @@ def login() -> ResponseReturnValue:
         current_app.logger.warning("failed login for %r from %s", name[:64],
                                    request.remote_addr)
         error, status = "Wrong user name or password.", 401
+        g.refusal = "wrong user name or password"
     return render_template("login.html", error=error,
                            next=request.args.get("next", "")), status
 

@@ -4,7 +4,9 @@
 listen: 127.0.0.1:8080          # default; a non-loopback address must be asked for
 netns: lb                       # optional: act on IPVS in this network namespace
 secret_key_file: /etc/ipvs-synproxy/webui.key   # signs sessions; created (0600) if absent
-audit_log: /var/log/ipvs-synproxy/webui-audit.log
+audit_log: /var/log/ipvs-synproxy/webui-audit.log   # mode 0600 (0640 with a group)
+audit_log_group: adm            # optional: the group that may read the audit log
+secret_key_shared: false        # true: accept a key file group/others can read
 session_cookie_secure: false    # true when served behind HTTPS
 session_idle_minutes: 60        # a session ends after this long without a request
 session_lifetime_hours: 8       # and this long after login, however active
@@ -28,9 +30,11 @@ without at least one user that has a password or token hash.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +50,7 @@ _HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 _KEYS = ("listen", "netns", "secret_key_file", "audit_log", "users", "session_cookie_secure",
          "session_idle_minutes", "session_lifetime_hours", "trusted_hosts", "trusted_proxies",
-         "allow_loopback_real_servers")
+         "allow_loopback_real_servers", "audit_log_group", "secret_key_shared")
 _USER_KEYS = ("name", "role", "password_hash", "token_hash")
 
 
@@ -79,6 +83,7 @@ class Settings:
     trusted_hosts: tuple[str, ...] | None = None  # None: loopback names + listen address
     trusted_proxies: int = 0  # reverse proxies in front whose X-Forwarded-* to believe
     allow_loopback_real_servers: bool = False
+    audit_log_gid: int | None = None  # None: the audit log is 0600, else 0640 and this group
     extra: Mapping[str, object] = field(default_factory=dict)  # Flask config overrides
 
 
@@ -180,8 +185,9 @@ def _read_users(raw: object, source: str) -> dict[str, User]:
     return users
 
 
-def read_secret_key(path: str) -> bytes:
-    """The session-signing key; a new random one is written (mode 0600) if absent."""
+def read_secret_key(path: str, shared: bool = False) -> bytes:
+    """The session-signing key; a new random one is written (mode 0600) if absent.
+    A key that group or others can read is refused unless ``shared``."""
     p = Path(path)
     if not p.exists():
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -190,6 +196,11 @@ def read_secret_key(path: str) -> bytes:
             os.write(fd, os.urandom(SECRET_LEN).hex().encode() + b"\n")
         finally:
             os.close(fd)
+    mode = stat.S_IMODE(p.stat().st_mode)
+    if mode & 0o077 and not shared:
+        raise SettingsError(f"secret_key_file {path}: mode {mode:04o} lets others read the "
+                            f"key that signs sessions: chmod 600 {path} (or set "
+                            "secret_key_shared: true)")
     data = p.read_bytes().strip()
     if len(data) < 16:
         raise SettingsError(f"secret_key_file {path}: at least 16 bytes of random data "
@@ -240,13 +251,23 @@ def load(path: str) -> Settings:
                             "(IPv6 in brackets), e.g. [lb1.example.net, 192.0.2.5]")
     idle = _number(raw, "session_idle_minutes", 60, 1, 24 * 60, path)
     lifetime = _number(raw, "session_lifetime_hours", 8, 1, 7 * 24, path)
-    return Settings(users=users, secret_key=read_secret_key(_path("secret_key_file")),
+    shared = raw.get("secret_key_shared", False)
+    if not isinstance(shared, bool):
+        raise SettingsError(f"{path}: secret_key_shared: true or false")
+    group, gid = raw.get("audit_log_group"), None
+    if group is not None:
+        try:
+            gid = grp.getgrnam(str(group)).gr_gid
+        except KeyError:
+            raise SettingsError(f"{path}: audit_log_group: no group {group!r}") from None
+    return Settings(users=users,
+                    secret_key=read_secret_key(_path("secret_key_file"), shared),
                     audit_log=_path("audit_log"), netns=netns, listen=listen,
                     session_cookie_secure=secure, session_idle=idle * 60,
                     session_lifetime=lifetime * 3600,
                     trusted_hosts=tuple(hosts) if hosts is not None else None,
                     trusted_proxies=_number(raw, "trusted_proxies", 0, 0, 5, path),
-                    allow_loopback_real_servers=loopback)
+                    allow_loopback_real_servers=loopback, audit_log_gid=gid)
 
 
 def _number(raw: Mapping[str, object], key: str, default: int, lo: int, hi: int,

@@ -73,11 +73,13 @@ def login(client: FlaskClient, user: str = "alice", password: str | None = None)
                                        "csrf_token": csrf(client)})
 
 
-def audit_entries(app: Flask) -> list[dict[str, Any]]:
+def audit_entries(app: Flask, logins: bool = False) -> list[dict[str, Any]]:
+    """The audit log's entries (without logins and logouts unless ``logins``)."""
     path = Path(app.config["AUDIT_LOG"])
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    return [e for e in entries if logins or e["action"] not in ("login", "logout")]
 
 
 def weight(kernel: Kernel, svc: Service = SVC, rid: str = RID1) -> int | None:
