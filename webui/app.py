@@ -90,7 +90,12 @@ def build(settings: Settings, service: ConsoleService | None = None) -> Flask:
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> ResponseReturnValue:
         g.refusal = exc.description or exc.name
-        return _error(exc.code or 500, exc.description or exc.name, None)
+        resp = app.make_response(_error(exc.code or 500, exc.description or exc.name, None))
+        if exc.response is None:  # keep the headers werkzeug meant to send (405: Allow)
+            for name, value in exc.get_headers():
+                if name.lower() != "content-type":
+                    resp.headers[name] = value
+        return resp
 
     if settings.trusted_proxies:
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]

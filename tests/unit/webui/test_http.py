@@ -111,3 +111,11 @@ def test_waitress_refuses_bodies_over_the_apps_limit(
     assert seen["max_request_body_size"] == seen["app"].config["MAX_CONTENT_LENGTH"] \
         == 64 * 1024
     seen["app"].extensions["ipvs_audit"].close()
+
+
+def test_405_keeps_allow(admin: FlaskClient) -> None:
+    r = admin.get(f"/services/{SID}/rs")  # a POST-only form action
+    assert r.status_code == 405 and "POST" in r.headers["Allow"]
+    r = admin.delete("/api/services", headers=BEARER)
+    assert r.status_code == 405 and r.get_json()["status"] == 405
+    assert set(r.headers["Allow"].replace(" ", "").split(",")) == {"GET", "HEAD", "OPTIONS"}
