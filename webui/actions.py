@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from flask import Response, current_app, g, request
+from werkzeug.datastructures import ImmutableMultiDict
+from werkzeug.exceptions import HTTPException
 
 from webui.audit import AuditLog
 from webui.service import ConsoleError, ConsoleService
@@ -59,8 +61,11 @@ def audit_refusal(resp: Response) -> Response:
     else:
         action = f"{request.method} {request.endpoint or '-'}"
     reason = g.get("refusal") or resp.status
-    params = {k: v[:64] for k, v in request.form.items()
-              if k not in ("password", "csrf_token")} if request.form else {}
+    try:
+        form = request.form
+    except HTTPException:  # the body is why it was refused (413): it is not read again
+        form = ImmutableMultiDict()
+    params = {k: v[:64] for k, v in form.items() if k not in ("password", "csrf_token")}
     audit = cast(AuditLog, current_app.extensions["ipvs_audit"])
     audit.record(user=name, role=user.role if user is not None else "-",
                  remote=request.remote_addr, action=action, target=request.path,

@@ -119,3 +119,12 @@ def test_405_keeps_allow(admin: FlaskClient) -> None:
     r = admin.delete("/api/services", headers=BEARER)
     assert r.status_code == 405 and r.get_json()["status"] == 405
     assert set(r.headers["Allow"].replace(" ", "").split(",")) == {"GET", "HEAD", "OPTIONS"}
+
+
+def test_an_oversized_form_is_a_413_and_audited(client: FlaskClient, app: Flask) -> None:
+    # the audit of the refusal must not read the body again (it raised: a 500)
+    r = client.post("/login", data=b"x" * 70_000,
+                    content_type="application/x-www-form-urlencoded")
+    assert r.status_code == 413
+    entry = audit_entries(app, logins=True)[-1]
+    assert entry["result"].startswith("refused (413)") and entry["params"] == {}
