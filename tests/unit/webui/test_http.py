@@ -1,5 +1,5 @@
 """The console at the HTTP edge (issue 23): trusted Host names, the request body limit
-in waitress, X-Forwarded-* only from configured proxies."""
+in the server (test_listen.py), X-Forwarded-* only from configured proxies."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.security import generate_password_hash
 
-from ipvs_synproxy import cli
 from ipvs_synproxy.sysctl import Sysctls
 from tests.unit.webui.support import BEARER, FAST, RID1, SID, Kernel, audit_entries, make_users
 from webui import create_app
@@ -95,22 +94,6 @@ def test_trusted_hosts_and_proxies_from_the_settings_file(tmp_path: Path) -> Non
         f.write_text(base + bad)
         with pytest.raises(SettingsError, match="trusted_"):
             settings_mod.load(str(f))
-
-
-def test_waitress_refuses_bodies_over_the_apps_limit(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import waitress  # type: ignore[import-untyped]
-
-    seen: dict[str, Any] = {}
-    monkeypatch.setattr(waitress, "serve", lambda app, **kw: seen.update(kw, app=app))
-    h = generate_password_hash("x" * 10, FAST)
-    f = tmp_path / "console.yaml"
-    f.write_text(f"secret_key_file: key\naudit_log: audit.log\n"
-                 f"users: [{{name: a, role: admin, password_hash: '{h}'}}]\n")
-    assert cli.main(["webui", "--config", str(f)]) == 0
-    assert seen["max_request_body_size"] == seen["app"].config["MAX_CONTENT_LENGTH"] \
-        == 64 * 1024
-    seen["app"].extensions["ipvs_audit"].close()
 
 
 def test_405_keeps_allow(admin: FlaskClient) -> None:
