@@ -217,3 +217,23 @@ def test_every_configured_hash_logs_in_without_a_500(app: Flask) -> None:
     r = c.post("/login", data={"username": "alice", "password": "wrong-wrong",
                                "csrf_token": csrf(c)})
     assert r.status_code == 401
+
+
+@pytest.mark.parametrize(("method", "path", "body", "field"), [
+    ("PUT", f"/api/services/{SID}/real-servers/{RID1}/weight", {"weight": "7"}, "weight"),
+    ("PUT", f"/api/services/{SID}/real-servers/{RID1}/weight", {"weight": 7, "x": 1}, "x"),
+    ("PUT", f"/api/services/{SID}/synproxy", {"enabled": "on"}, "enabled"),
+    ("PUT", f"/api/services/{SID}/synproxy", {"enabled": True, "x": 1}, "x"),
+    ("POST", f"/api/services/{SID}/real-servers", {"addr": "192.0.2.13", "port": "80"},
+     "port"),
+    ("POST", f"/api/services/{SID}/real-servers", {"addr": "192.0.2.13", "port": None},
+     "port"),
+])
+def test_the_json_api_takes_json_types_and_documented_fields_only(
+        client: FlaskClient, kernel: Kernel, method: str, path: str, body: dict[str, Any],
+        field: str) -> None:
+    # the forms' strings ("7", "on") are for forms; the API is what openapi.json says
+    before = kernel.state()
+    r = client.open(path, method=method, json=body, headers=BEARER)
+    assert r.status_code == 400 and r.get_json()["field"] == field
+    assert kernel.state() == before
