@@ -17,10 +17,33 @@ bp = Blueprint("api", __name__)
 OPENAPI = Path(__file__).with_name("openapi.json")
 
 
-def _body() -> dict[str, Any]:
-    data = request.get_json(silent=True)
+_JSON_TYPES = {int: "an integer", bool: "true or false", str: "a string"}
+_RANGES = {"weight": " 0-65535", "port": " 1-65535"}  # as webui/validate.py checks them
+
+
+def _body(fields: dict[str, type]) -> dict[str, Any]:
+    """The request's JSON object, with only ``fields``, each of its JSON type (the
+    forms' strings such as "7" or "on" are not JSON numbers or booleans); anything
+    else (not JSON, not an object, nested too deep for the parser, not UTF-8, an
+    unknown field, null) is a 400 naming the field."""
+    if not request.is_json:
+        raise InputError("the request body must be a JSON object "
+                         "(Content-Type: application/json)")
+    try:
+        data = json.loads(request.get_data(as_text=False))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise InputError("the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise InputError("the request body must be a JSON object")
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise InputError(f"unknown field {unknown[0][:64]!r}", unknown[0][:64])
+    for name, value in data.items():
+        want = fields[name]
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            limits = _RANGES.get(name, "") if want is int else ""
+            raise InputError(f"{name}: must be {_JSON_TYPES[want]}{limits}, "
+                             f"got {value!r:.64}", name)
     return data
 
 
@@ -60,7 +83,7 @@ def sysctl() -> ResponseReturnValue:
 @bp.route("/services/<sid>/real-servers/<rid>/weight", methods=["PUT"])
 @admin_required
 def set_weight(sid: str, rid: str) -> ResponseReturnValue:
-    weight = _body().get("weight")
+    weight = _body({"weight": int}).get("weight")
     return jsonify(perform("set_weight", f"{sid}/{rid}", {"weight": weight},
                            lambda c: c.set_weight(sid, rid, weight)))
 
@@ -75,10 +98,7 @@ def drain(sid: str, rid: str) -> ResponseReturnValue:
 @bp.route("/services/<sid>/real-servers", methods=["POST"])
 @admin_required
 def add_dest(sid: str) -> ResponseReturnValue:
-    body = _body()
-    unknown = sorted(set(body) - {"addr", "port", "weight", "forward"})
-    if unknown:
-        raise InputError(f"unknown field {unknown[0]!r}", unknown[0])
+    body = _body({"addr": str, "port": int, "weight": int, "forward": str})
     params = {k: body.get(k) for k in ("addr", "port", "weight", "forward")}
     res = perform("add_real_server", sid, params,
                   lambda c: c.add_dest(sid, body.get("addr"), body.get("port"),
@@ -96,7 +116,7 @@ def delete_dest(sid: str, rid: str) -> ResponseReturnValue:
 @bp.route("/services/<sid>/synproxy", methods=["PUT"])
 @admin_required
 def set_synproxy(sid: str) -> ResponseReturnValue:
-    enabled = _body().get("enabled")
+    enabled = _body({"enabled": bool}).get("enabled")
     return jsonify(perform("set_synproxy", sid, {"enabled": enabled},
                            lambda c: c.set_synproxy(sid, enabled)))
 

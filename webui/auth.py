@@ -17,8 +17,6 @@ from __future__ import annotations
 import functools
 import hmac
 import secrets
-import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
@@ -38,7 +36,9 @@ from flask import (
 from flask.typing import ResponseReturnValue
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from webui.settings import User
+from webui.sessions import SessionStore
+from webui.settings import NAME_RE, User
+from webui.throttle import Throttle, Throttled
 
 bp = Blueprint("auth", __name__)
 
@@ -48,40 +48,11 @@ UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Compared against when the user does not exist, so a wrong name costs as much
 # time as a wrong password.
 _DUMMY_HASH = generate_password_hash(secrets.token_hex(16))
+# Credentials that no configured user can have are refused before any hashing.
+PASSWORD_MAX = 1024
+TOKEN_MIN, TOKEN_MAX = 8, 512
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class LoginThrottle:
-    """At most ``limit`` failed logins per client address per ``window`` seconds;
-    further attempts get 429 without a password check until the window passes."""
-
-    def __init__(self, limit: int = 5, window: float = 300.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.limit, self.window, self.clock = limit, window, clock
-        self.lock = threading.Lock()
-        self.failures: dict[str, list[float]] = {}
-
-    def _recent(self, who: str) -> list[float]:
-        now = self.clock()
-        recent = [t for t in self.failures.get(who, []) if now - t < self.window]
-        if recent:
-            self.failures[who] = recent
-        else:
-            self.failures.pop(who, None)
-        return recent
-
-    def blocked(self, who: str) -> bool:
-        with self.lock:
-            return len(self._recent(who)) >= self.limit
-
-    def failed(self, who: str) -> None:
-        with self.lock:
-            self.failures[who] = [*self._recent(who), self.clock()]
-
-    def succeeded(self, who: str) -> None:
-        with self.lock:
-            self.failures.pop(who, None)
 
 
 def _users() -> dict[str, User]:
@@ -104,12 +75,40 @@ def csrf_ok() -> bool:
         hmac.compare_digest(expected.encode(), sent.encode())
 
 
-def check_password(name: str, password: str) -> User | None:
-    user = _users().get(name)
-    if user is None or not user.password_hash:
-        check_password_hash(_DUMMY_HASH, password)
-        return None
-    return user if check_password_hash(user.password_hash, password) else None
+def well_formed(kind: str, name: str, secret: str) -> bool:
+    """The cheap pre-check before any hash: a possible user name and a secret of a
+    possible length (tokens: printable ASCII without spaces)."""
+    if not NAME_RE.fullmatch(name):
+        return False
+    if kind == "token":
+        return TOKEN_MIN <= len(secret) <= TOKEN_MAX and secret.isascii() and \
+            secret.isprintable() and " " not in secret
+    return 0 < len(secret) <= PASSWORD_MAX
+
+
+def sessions() -> SessionStore:
+    return cast(SessionStore, current_app.extensions["ipvs_sessions"])
+
+
+def throttle() -> Throttle:
+    return cast(Throttle, current_app.extensions["ipvs_throttle"])
+
+
+def verify(kind: str, name: str, secret: str) -> User | None:
+    """Check a password (``kind`` "password") or API token ("token") through the
+    throttle; :class:`Throttled` when this account or address must wait."""
+    ok_form = well_formed(kind, name, secret)
+    g.attempted_user = name
+    with throttle().attempt(kind, name if ok_form else "?", request.remote_addr) as att:
+        if not ok_form:
+            return None
+        user = _users().get(name)
+        stored = None if user is None else (
+            user.password_hash if kind == "password" else user.token_hash)
+        if user is None or not stored:
+            check_password_hash(_DUMMY_HASH, secret)
+            return None
+        return user if att.ok(check_password_hash(stored, secret)) else None
 
 
 def _token_user(header: str) -> User | None:
@@ -117,11 +116,16 @@ def _token_user(header: str) -> User | None:
     if scheme.lower() != "bearer":
         return None
     name, sep, token = cred.strip().partition(":")
-    user = _users().get(name) if sep else None
-    if user is None or not user.token_hash:
-        check_password_hash(_DUMMY_HASH, token)
-        return None
-    return user if check_password_hash(user.token_hash, token) else None
+    return verify("token", name, token) if sep else None
+
+
+def _too_many(exc: Throttled) -> ResponseReturnValue:
+    message = f"too many failed attempts: retry in {exc.retry_after} s"
+    g.refusal = message
+    resp = api_error(429, message) if is_api() else (message, 429)
+    out = current_app.make_response(resp)
+    out.headers["Retry-After"] = str(exc.retry_after)
+    return out
 
 
 def is_api() -> bool:
@@ -142,23 +146,27 @@ def load_user() -> ResponseReturnValue | None:
         return None
     header = request.headers.get("Authorization")
     if header:
-        user = _token_user(header)
+        try:
+            user = _token_user(header)
+        except Throttled as exc:
+            return _too_many(exc)
         if user is None:
+            g.refusal = "invalid API token"
             resp = api_error(401, "invalid API token") if is_api() else ("invalid API "
                                                                          "token", 401)
             return resp
         g.user, g.via_token = user, True
         return None
-    name = session.get("user")
-    user = _users().get(name) if isinstance(name, str) else None
+    user = sessions().check(session.get("sid"), _users())
     if user is None:
-        session.pop("user", None)
+        session.pop("sid", None)
         if is_api():
             return api_error(401, "login required (session or Authorization: Bearer "
                                   "NAME:TOKEN)")
         return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
     g.user = user
     if request.method in UNSAFE_METHODS and not csrf_ok():
+        g.refusal = "CSRF token missing or wrong"
         if is_api():
             return api_error(400, "CSRF token missing or wrong (send X-CSRF-Token)")
         abort(400, "CSRF token missing or wrong: reload the page and try again")
@@ -172,6 +180,7 @@ def admin_required(view: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         user: User | None = g.get("user")
         if user is None or not user.is_admin:
+            g.refusal = "this action needs the admin role"
             if is_api():
                 return api_error(403, "this action needs the admin role")
             abort(403, "this action needs the admin role")
@@ -182,12 +191,18 @@ def admin_required(view: F) -> F:
 
 def _safe_next(target: str | None) -> str:
     """Only local paths: never redirect a login to another site."""
-    if not target:
-        return url_for("pages.overview")
-    parts = urlsplit(target)
+    home = url_for("pages.overview")
+    # Printable ASCII only: no CR/LF (header injection), no spaces, nothing a browser
+    # might normalise into another host.
+    if not target or not all("!" <= c <= "~" for c in target):
+        return home
+    try:
+        parts = urlsplit(target)
+    except ValueError:  # "//[x": not even a URL
+        return home
     if parts.scheme or parts.netloc or not target.startswith("/") or \
             target.startswith("//") or "\\" in target:
-        return url_for("pages.overview")
+        return home
     return target
 
 
@@ -198,30 +213,35 @@ def login() -> ResponseReturnValue:
     if request.method == "POST":
         if not csrf_ok():
             abort(400, "CSRF token missing or wrong: reload the login page")
-        throttle = cast(LoginThrottle, current_app.extensions["ipvs_login_throttle"])
-        who = request.remote_addr or "?"
-        if throttle.blocked(who):
-            return render_template("login.html", error="Too many failed logins: wait a few "
-                                   "minutes.", next=request.args.get("next", "")), 429
         name = request.form.get("username", "")
-        user = check_password(name, request.form.get("password", ""))
+        try:
+            user = verify("password", name, request.form.get("password", ""))
+        except Throttled as exc:
+            current_app.logger.warning("throttled login for %r from %s", name[:64],
+                                       request.remote_addr)
+            resp = current_app.make_response((render_template(
+                "login.html", error=f"Too many failed logins: try again in "
+                f"{exc.retry_after} s.", next=request.args.get("next", "")), 429))
+            resp.headers["Retry-After"] = str(exc.retry_after)
+            g.refusal = f"throttled: retry in {exc.retry_after} s"
+            return resp
         if user is not None:
-            throttle.succeeded(who)
             session.clear()  # a new session: nothing carried over from before login
             session.permanent = True
-            session["user"] = user.name
+            session["sid"] = sessions().create(user)
             csrf_token()
             current_app.logger.info("login: %s from %s", user.name, request.remote_addr)
             return redirect(_safe_next(request.args.get("next")))
         current_app.logger.warning("failed login for %r from %s", name[:64],
                                    request.remote_addr)
-        throttle.failed(who)
         error, status = "Wrong user name or password.", 401
+        g.refusal = "wrong user name or password"
     return render_template("login.html", error=error,
                            next=request.args.get("next", "")), status
 
 
 @bp.route("/logout", methods=["POST"])
 def logout() -> ResponseReturnValue:
+    sessions().end(session.get("sid"))
     session.clear()
     return redirect(url_for("auth.login"))

@@ -1,4 +1,4 @@
-"""``ipvs-synproxy webui``: serve the console with waitress.
+"""``ipvs-synproxy webui``: serve the console (:mod:`webui.serve`).
 
 Only argparse is imported here: Flask is loaded when the command runs, so the
 other subcommands do not pay for it.
@@ -41,28 +41,53 @@ def _cmd_webui(args: argparse.Namespace) -> int:
     except settings_mod.SettingsError as exc:
         print(f"ipvs-synproxy webui: {exc}", file=sys.stderr)
         return 1
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("ipvs-synproxy webui: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     host, port = st.listen
-    if not settings_mod.is_loopback(host):
-        print(f"ipvs-synproxy webui: warning: listening on {host}, not loopback: anyone "
-              "who can reach it sees the login page", file=sys.stderr)
+    from webui import serve
 
-    import waitress  # type: ignore[import-untyped]
+    try:
+        # Before anything is bound: no plain HTTP where other hosts can reach it
+        serve.check_listen(host, tls is not None, args.insecure_listen)
+    except serve.ServeError as exc:
+        print(f"ipvs-synproxy webui: {exc}", file=sys.stderr)
+        return 2
+    if tls is not None:
+        st = dataclasses.replace(st, session_cookie_secure=True)
+    elif not settings_mod.is_loopback(host):
+        print(f"ipvs-synproxy webui: warning: plain HTTP on {host} (--insecure-listen): "
+              "passwords and cookies cross the network in clear unless TLS is "
+              "terminated in front", file=sys.stderr)
 
     from webui import create_app
 
     app = create_app(st)
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    print(f"ipvs-synproxy console on http://{where}/"
+    try:
+        server = serve.make_server(app, host, port, tls=tls, threads=args.threads,
+                                   max_body=app.config["MAX_CONTENT_LENGTH"])
+        serve.bind(server)
+    except serve.ServeError as exc:
+        print(f"ipvs-synproxy webui: {exc}", file=sys.stderr)
+        return 1
+    print(f"ipvs-synproxy console on {serve.url(host, port, tls is not None)}"
           f"{' (netns ' + st.netns + ')' if st.netns else ''}", flush=True)
-    waitress.serve(app, host=host, port=port, threads=args.threads, ident="ipvs-synproxy",
-                   _quiet=True)
+    try:
+        server.serve()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
     return 0
 
 
 def register(sub: Any) -> None:
     """Add ``webui`` to the ``ipvs-synproxy`` subparsers."""
     w = sub.add_parser("webui", help="serve the web console (dashboard, JSON API, /metrics)",
-                       description="Serve the operations console with waitress. Users, "
+                       description="Serve the operations console (HTTPS with --tls-cert and "
+                                   "--tls-key; plain HTTP only on loopback unless "
+                                   "--insecure-listen). Users, "
                                    "the session key and the audit log come from the YAML "
                                    "config (see docs/operator-guide.md); it refuses to start "
                                    "without users.")
@@ -71,7 +96,15 @@ def register(sub: Any) -> None:
                    help="address to serve on (default: the config's, else 127.0.0.1:8080)")
     w.add_argument("--netns", metavar="NAME", default=None,
                    help="network namespace whose IPVS to show (default: the config's)")
-    w.add_argument("--threads", type=int, default=4, help="waitress worker threads")
+    w.add_argument("--tls-cert", metavar="FILE", default=None,
+                   help="serve HTTPS with this certificate (PEM, chain after it) and send "
+                        "HSTS; needs --tls-key")
+    w.add_argument("--tls-key", metavar="FILE", default=None,
+                   help="the certificate's private key (PEM)")
+    w.add_argument("--insecure-listen", action="store_true",
+                   help="allow plain HTTP on a non-loopback address (TLS terminated in "
+                        "front of the console)")
+    w.add_argument("--threads", type=int, default=4, help="worker threads")
     w.add_argument("--hash-password", action="store_true",
                    help="read a password (or API token) and print its hash for the config")
     w.set_defaults(func=_cmd_webui)

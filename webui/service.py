@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import ipaddress
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -34,11 +32,11 @@ from ipvs_synproxy.model import (
     Stats,
     make_dest,
 )
+from webui import validate
 
 WEIGHT_MAX = 65535  # ipvsadm's limit; the kernel would take up to INT_MAX
 STATS_FIELDS = [f.name for f in dataclasses.fields(Stats)]
 PROC_STATS = "/proc/thread-self/net/ip_vs_stats"  # thread-self: setns is per thread
-_DECIMAL = re.compile(r"-?[0-9]{1,12}")
 
 
 class Kernel(Protocol):
@@ -111,15 +109,11 @@ def dest_id(dest: Dest) -> str:
 
 
 def _split_dest_id(text: str) -> tuple[IPAddress, int]:
-    addr_text, sep, port_text = text.rpartition("_")
+    addr_text, _, port_text = text.rpartition("_")
     try:
-        if not sep or not port_text.isdigit():
-            raise ValueError
-        port = int(port_text)
-        if port > 65535:
-            raise ValueError
-        return ipaddress.ip_address(addr_text), port
-    except ValueError:
+        return (validate.ip_address(addr_text, "real_server"),
+                validate.port(port_text, "real_server", lo=0))
+    except validate.Invalid:
         raise InputError(f"not a real server: {text!r} (expected ADDRESS_PORT)",
                          "real_server") from None
 
@@ -127,22 +121,16 @@ def _split_dest_id(text: str) -> tuple[IPAddress, int]:
 # ---- validating input --------------------------------------------------------------------
 
 
+def _checked(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    try:
+        return fn(*args, **kw)
+    except validate.Invalid as exc:
+        raise InputError(str(exc), exc.field) from None
+
+
 def parse_weight(value: object) -> int:
     """A weight from a form or JSON: a decimal integer 0-65535 (ipvsadm's range)."""
-    if isinstance(value, bool) or value is None:
-        raise InputError(f"weight must be an integer 0-{WEIGHT_MAX}", "weight")
-    if isinstance(value, str):
-        text = value.strip()
-        if not _DECIMAL.fullmatch(text):
-            raise InputError(f"weight must be an integer 0-{WEIGHT_MAX}, got {value!r}",
-                             "weight")
-        value = int(text)
-    if not isinstance(value, int):
-        raise InputError(f"weight must be an integer 0-{WEIGHT_MAX}, got {value!r}",
-                         "weight")
-    if not 0 <= value <= WEIGHT_MAX:
-        raise InputError(f"weight {value} out of range 0-{WEIGHT_MAX}", "weight")
-    return value
+    return int(_checked(validate.integer, value, "weight", 0, WEIGHT_MAX))
 
 
 def parse_bool(value: object, field: str) -> bool:
@@ -156,11 +144,8 @@ def parse_bool(value: object, field: str) -> bool:
 
 
 def parse_port(value: object, field: str = "port") -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-        raise InputError(f"{field} must be an integer 0-65535, got {value!r}", field)
-    return value
+    """A real server's port from a form or JSON: 1-65535."""
+    return int(_checked(validate.port, value, field))
 
 
 FWD_CHOICES = ("masq", "route", "tunnel", "fullnat")
@@ -271,16 +256,18 @@ class _RateSampler:
 class ConsoleService:
     def __init__(self, connect: Callable[[], Kernel], sysctls: SysctlReader,
                  proc_stats: Callable[[], dict[str, int] | None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 allow_loopback: bool = False) -> None:
         self._connect = connect
+        self.allow_loopback = allow_loopback
         self._sysctls = sysctls
         self._proc_stats = proc_stats
         self._sampler = _RateSampler(clock)
 
     @classmethod
-    def for_netns(cls, netns: str | None) -> ConsoleService:
+    def for_netns(cls, netns: str | None, allow_loopback: bool = False) -> ConsoleService:
         return cls(lambda: netlink.IPVS(netns), sysctl_mod.Sysctls(netns),
-                   lambda: read_proc_stats(netns))
+                   lambda: read_proc_stats(netns), allow_loopback=allow_loopback)
 
     @contextlib.contextmanager
     def _kernel(self) -> Iterator[Kernel]:
@@ -415,8 +402,8 @@ class ConsoleService:
     def _new_dest(self, k: Kernel, svc: Service, addr: object, port: object,
                   weight: object, forward: object) -> Dest:
         w = parse_weight(weight)
-        if not isinstance(addr, str) or not addr.strip():
-            raise InputError("addr: an IP address is required", "addr")
+        address = _checked(validate.real_server_address, addr,
+                           allow_loopback=self.allow_loopback)
         if forward not in (None, "", *FWD_CHOICES):
             raise InputError(f"forward must be one of {', '.join(FWD_CHOICES)}, "
                              f"got {forward!r}", "forward")
@@ -424,7 +411,7 @@ class ConsoleService:
         existing = k.dests(svc)
         fwd: object = forward or (existing[0].fwd.name.lower() if existing else "masq")
         try:
-            dest = make_dest(source="web", addr=addr, port=p, fwd=fwd, weight=w)
+            dest = make_dest(source="web", addr=address, port=p, fwd=fwd, weight=w)
         except ModelError as exc:
             raise InputError(f"{exc.field}: {exc.message}", exc.field) from None
         if dest.af != svc.af and dest.fwd != FwdMethod.TUNNEL:

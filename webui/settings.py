@@ -4,8 +4,17 @@
 listen: 127.0.0.1:8080          # default; a non-loopback address must be asked for
 netns: lb                       # optional: act on IPVS in this network namespace
 secret_key_file: /etc/ipvs-synproxy/webui.key   # signs sessions; created (0600) if absent
-audit_log: /var/log/ipvs-synproxy/webui-audit.log
+audit_log: /var/log/ipvs-synproxy/webui-audit.log   # mode 0600 (0640 with a group)
+audit_log_group: adm            # optional: the group that may read the audit log
+secret_key_shared: false        # true: accept a key file group/others can read
 session_cookie_secure: false    # true when served behind HTTPS
+session_idle_minutes: 60        # a session ends after this long without a request
+session_lifetime_hours: 8       # and this long after login, however active
+trusted_hosts: [lb1.example.net]  # Host names the console answers to (default:
+                                # localhost, 127.0.0.1, [::1] and the listen address)
+allow_loopback_real_servers: false  # 127.0.0.1/::1 as real servers only if true
+trusted_proxies: 0              # reverse proxies in front (their X-Forwarded-For,
+                                # -Proto and -Host are believed only when > 0)
 users:
   - name: alice
     role: admin                 # admin: may change things; readonly: may look
@@ -21,20 +30,27 @@ without at least one user that has a password or token hash.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from webui import validate
+
 ROLES = ("admin", "readonly")
 DEFAULT_LISTEN = ("127.0.0.1", 8080)
 SECRET_LEN = 32
-_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
-_KEYS = ("listen", "netns", "secret_key_file", "audit_log", "users", "session_cookie_secure")
+_HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
+NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+_KEYS = ("listen", "netns", "secret_key_file", "audit_log", "users", "session_cookie_secure",
+         "session_idle_minutes", "session_lifetime_hours", "trusted_hosts", "trusted_proxies",
+         "allow_loopback_real_servers", "audit_log_group", "secret_key_shared")
 _USER_KEYS = ("name", "role", "password_hash", "token_hash")
 
 
@@ -62,6 +78,12 @@ class Settings:
     netns: str | None = None
     listen: tuple[str, int] = DEFAULT_LISTEN
     session_cookie_secure: bool = False
+    session_idle: int = 3600  # seconds without a request before a session ends
+    session_lifetime: int = 8 * 3600  # seconds after login when it ends regardless
+    trusted_hosts: tuple[str, ...] | None = None  # None: loopback names + listen address
+    trusted_proxies: int = 0  # reverse proxies in front whose X-Forwarded-* to believe
+    allow_loopback_real_servers: bool = False
+    audit_log_gid: int | None = None  # None: the audit log is 0600, else 0640 and this group
     extra: Mapping[str, object] = field(default_factory=dict)  # Flask config overrides
 
 
@@ -81,9 +103,33 @@ def parse_listen(text: str, source: str = "listen") -> tuple[str, int]:
         ipaddress.ip_address(host)
     except ValueError:
         raise SettingsError(f"{source}: not an IP address: {host!r}") from None
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise SettingsError(f"{source}: not a port number: {port_text!r}")
-    return host, int(port_text)
+    try:
+        return host, validate.port(port_text)
+    except validate.Invalid:
+        raise SettingsError(f"{source}: not a port number: {port_text!r}") from None
+
+
+def format_host(host: str) -> str:
+    """A host as it appears in a Host header: IPv6 addresses in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def host_name(header: str) -> str:
+    """The name part of a Host header value (no port), lower case."""
+    text = header.strip().lower()
+    if text.startswith("["):
+        return text.partition("]")[0] + "]"
+    return text.partition(":")[0]
+
+
+def trusted_hosts(st: Settings) -> frozenset[str]:
+    """The Host names the console answers to (anything else: 400)."""
+    if st.trusted_hosts is not None:
+        return frozenset(host_name(h) for h in st.trusted_hosts)
+    names = {"localhost", "127.0.0.1", "[::1]"}
+    if not ipaddress.ip_address(st.listen[0]).is_unspecified:
+        names.add(format_host(st.listen[0]))
+    return frozenset(names)
 
 
 def is_loopback(host: str) -> bool:
@@ -102,10 +148,13 @@ def check_users(users: Mapping[str, User]) -> None:
             raise SettingsError(f"user {u.name}: role must be one of {', '.join(ROLES)}")
         if not u.password_hash and not u.token_hash:
             raise SettingsError(f"user {u.name}: needs password_hash or token_hash")
-        for h in (u.password_hash, u.token_hash):
-            if h is not None and ":" not in h:  # werkzeug: method:params$salt$hash
-                raise SettingsError(f"user {u.name}: {h[:12]!r}… is not a password hash "
-                                    "(never put a clear-text password in the file)")
+        for key, h in (("password_hash", u.password_hash), ("token_hash", u.token_hash)):
+            if h is None:
+                continue
+            try:
+                validate.password_hash(h, key)
+            except validate.Invalid as exc:
+                raise SettingsError(f"user {u.name}: {exc}") from None
 
 
 def _read_users(raw: object, source: str) -> dict[str, User]:
@@ -123,7 +172,7 @@ def _read_users(raw: object, source: str) -> dict[str, User]:
             raise SettingsError(f"{where}: unknown key {unknown[0]!r} "
                                 f"(expected: {', '.join(_USER_KEYS)})")
         name = entry.get("name")
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise SettingsError(f"{where}: name: 1-64 of A-Z a-z 0-9 _ . @ -")
         if name in users:
             raise SettingsError(f"{where}: duplicate user {name!r}")
@@ -136,8 +185,9 @@ def _read_users(raw: object, source: str) -> dict[str, User]:
     return users
 
 
-def read_secret_key(path: str) -> bytes:
-    """The session-signing key; a new random one is written (mode 0600) if absent."""
+def read_secret_key(path: str, shared: bool = False) -> bytes:
+    """The session-signing key; a new random one is written (mode 0600) if absent.
+    A key that group or others can read is refused unless ``shared``."""
     p = Path(path)
     if not p.exists():
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +196,11 @@ def read_secret_key(path: str) -> bytes:
             os.write(fd, os.urandom(SECRET_LEN).hex().encode() + b"\n")
         finally:
             os.close(fd)
+    mode = stat.S_IMODE(p.stat().st_mode)
+    if mode & 0o077 and not shared:
+        raise SettingsError(f"secret_key_file {path}: mode {mode:04o} lets others read the "
+                            f"key that signs sessions: chmod 600 {path} (or set "
+                            "secret_key_shared: true)")
     data = p.read_bytes().strip()
     if len(data) < 16:
         raise SettingsError(f"secret_key_file {path}: at least 16 bytes of random data "
@@ -181,11 +236,43 @@ def load(path: str) -> Settings:
     listen = parse_listen(str(raw["listen"]), f"{path}: listen") if "listen" in raw \
         else DEFAULT_LISTEN
     netns = raw.get("netns")
-    if netns is not None and (not isinstance(netns, str) or not _NAME.fullmatch(netns)):
+    if netns is not None and (not isinstance(netns, str) or not NAME_RE.fullmatch(netns)):
         raise SettingsError(f"{path}: netns: not a namespace name: {netns!r}")
     secure = raw.get("session_cookie_secure", False)
     if not isinstance(secure, bool):
         raise SettingsError(f"{path}: session_cookie_secure: true or false")
-    return Settings(users=users, secret_key=read_secret_key(_path("secret_key_file")),
+    loopback = raw.get("allow_loopback_real_servers", False)
+    if not isinstance(loopback, bool):
+        raise SettingsError(f"{path}: allow_loopback_real_servers: true or false")
+    hosts = raw.get("trusted_hosts")
+    if hosts is not None and (not isinstance(hosts, list) or not hosts or not all(
+            isinstance(h, str) and _HOST_RE.fullmatch(h) for h in hosts)):
+        raise SettingsError(f"{path}: trusted_hosts: a list of host names or addresses "
+                            "(IPv6 in brackets), e.g. [lb1.example.net, 192.0.2.5]")
+    idle = _number(raw, "session_idle_minutes", 60, 1, 24 * 60, path)
+    lifetime = _number(raw, "session_lifetime_hours", 8, 1, 7 * 24, path)
+    shared = raw.get("secret_key_shared", False)
+    if not isinstance(shared, bool):
+        raise SettingsError(f"{path}: secret_key_shared: true or false")
+    group, gid = raw.get("audit_log_group"), None
+    if group is not None:
+        try:
+            gid = grp.getgrnam(str(group)).gr_gid
+        except KeyError:
+            raise SettingsError(f"{path}: audit_log_group: no group {group!r}") from None
+    return Settings(users=users,
+                    secret_key=read_secret_key(_path("secret_key_file"), shared),
                     audit_log=_path("audit_log"), netns=netns, listen=listen,
-                    session_cookie_secure=secure)
+                    session_cookie_secure=secure, session_idle=idle * 60,
+                    session_lifetime=lifetime * 3600,
+                    trusted_hosts=tuple(hosts) if hosts is not None else None,
+                    trusted_proxies=_number(raw, "trusted_proxies", 0, 0, 5, path),
+                    allow_loopback_real_servers=loopback, audit_log_gid=gid)
+
+
+def _number(raw: Mapping[str, object], key: str, default: int, lo: int, hi: int,
+            source: str) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise SettingsError(f"{source}: {key}: a whole number {lo}-{hi}, got {value!r}")
+    return value
