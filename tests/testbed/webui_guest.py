@@ -76,9 +76,11 @@ def main(argv: list[str]) -> int:
                for addr in (topology.RS4[rs], topology.RS6[rs])]
     stop = threading.Event()
     threading.Thread(target=traffic, args=(stop,), daemon=True).start()
+    # plain HTTP on the guest's NIC: its only peer is QEMU's forward from the
+    # host's 127.0.0.1, so --insecure-listen exposes nothing
     console = subprocess.Popen([sys.executable, "-m", "ipvs_synproxy.cli", "webui",
                                 "--config", config, "--listen", f"0.0.0.0:{port}",
-                                "--netns", "lb"])
+                                "--insecure-listen", "--netns", "lb"])
     try:
         deadline = time.monotonic() + 120
         while True:
