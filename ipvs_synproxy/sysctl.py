@@ -151,8 +151,11 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
          "accepted too)", _SP, lo=1, hi=86400),
     Knob("synproxy_hold_packets", "16", "client packets held per connection while the "
          "real server handshake runs", _SP, lo=0, hi=1024),
-    Knob("synproxy_hold_bytes", "65536", "bytes held per connection while the real server "
-         "handshake runs", _SP, lo=0, hi=2**31 - 1),
+    Knob("synproxy_hold_bytes", "131072", "memory (truesize) of the packets held per "
+         "connection while the real server handshake runs", _SP, lo=0, hi=2**31 - 1),
+    Knob("synproxy_hold_mem", "16777216", "memory (truesize) all connections of the "
+         "namespace may hold while their real server handshakes run, SYN copies included",
+         _SP, lo=0, hi=2**31 - 1),
     _b("synproxy_reuse", 1, "master switch of session reuse (a new cookie ACK replaces a "
        "closing connection)", _SP),
     _b("synproxy_reuse_close", 1, "session reuse from CLOSE", _SP),

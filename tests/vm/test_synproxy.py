@@ -581,9 +581,10 @@ def _transfer_or_explain(net: Net, direction: str, synproxy: bool,
         port = str(e).split(" from port ")[-1].split()[0]
         conns = [ln for ln in netns.run("lb", ["ipvsadm", "-Lnc"]).stdout.splitlines()
                  if f":{port} " in ln or f"]:{port} " in ln]
+        addrs = netns.run("lb", ["ip", "-br", "addr", "show", "dev", "eth0"]).stdout.strip()
         raise AssertionError(f"{direction} with the proxy {'on' if synproxy else 'off'} "
                              f"stalled ({e}); counters that moved this round: {moved}; "
-                             f"lb's connections of that port: {conns}") from e
+                             f"lb's connections of that port: {conns}; lb eth0: {addrs}") from e
 
 
 # ---- SACK under loss ----------------------------------------------------------------------

@@ -580,6 +580,59 @@ def test_connections_waiting_for_a_silent_server_free_their_timers_and_packets(
     assert kernel_complaints(log) == []
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_the_memory_all_handshakes_hold_is_bounded_and_given_back(
+        ipvs: IPVS, real_servers: dict, method: str) -> None:  # noqa: F811
+    """synproxy_hold_mem bounds what the handshakes of the namespace pin
+    together. At 0 a valid cookie ACK opens nothing, is counted, and leaves no
+    connection behind even for a moment's listing. At 16 KiB, while the real
+    server drops SYNs, 12 clients with their requests held do not all fit.
+    Once their handshakes are over the memory is given back: the same bound
+    lets requests through again, and nothing more is refused."""
+    from tests.vm.test_synproxy_cookie import CraftedClient
+
+    synproxy_service(ipvs, NET4, METHODS[method], servers=("rs1",))
+    sport = 47200 + (method == "fullnat")
+    before = ext_stats_file()
+    rs1 = Capture("rs1")
+    try:
+        with nft("client", f"tcp sport {sport} tcp flags rst drop", hook="output"), \
+                lb_sysctls(synproxy_hold_mem=0):
+            peer = CraftedClient(NET4, sport, 0x5000_0000 + sport)
+            try:
+                peer.syn(b"\x02\x04\x05\xb4")
+                peer.ack(payload=REQUEST)
+                assert wait_for(lambda: delta(before, "synproxy_hold_mem_drop") == 1, 20)
+                for _ in range(5):      # no retransmission: the ACK came once
+                    assert conn_states(sport, vport=80) == []
+                    time.sleep(0.2)
+            finally:
+                peer.close()
+    finally:
+        rs_frames = rs1.stop()
+    assert _syns_to(rs_frames, 80) == []
+    assert delta(before, "synproxy_ack_valid") == 1
+
+    with lb_sysctls(synproxy_hold_mem=16384, synproxy_syn_retry_ms=1000,
+                    synproxy_syn_retries=1):
+        with nft("rs1", DROP_SYNS.format(port=80)):
+            socks = _held_connections(80, 12)
+            sports = [s.getsockname()[1] for s in socks]
+            try:
+                assert wait_for(lambda: delta(before, "synproxy_hold_mem_drop") > 1, 20), \
+                    "12 held handshakes fit in 16 KiB"
+            finally:
+                for s in socks:     # reset: no retransmission tries to open again
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    s.close()
+            # their retries run out: every handshake and what it held goes
+            assert wait_for(lambda: all(conn_states(p, vport=80) == [] for p in sports), 60)
+        refused = delta(before, "synproxy_hold_mem_drop")
+        for _ in range(4):
+            assert http(timeout=10).startswith(b"HTTP/1."), "the memory was not given back"
+        assert delta(before, "synproxy_hold_mem_drop") == refused
+
+
 # ---- defer mode ---------------------------------------------------------------------------
 
 
