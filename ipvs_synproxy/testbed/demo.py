@@ -253,8 +253,11 @@ class Console:
     def start(self) -> None:
         nic_up()
         self.proc = subprocess.Popen(
+            # plain HTTP on the guest's NIC: its only peer is QEMU's forward
+            # from the host's loopback
             [sys.executable, "-m", "ipvs_synproxy.cli", "webui", "--config",
-             str(self.config), "--listen", f"0.0.0.0:{self.port}", "--netns", "lb"],
+             str(self.config), "--listen", f"0.0.0.0:{self.port}", "--insecure-listen",
+             "--netns", "lb"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.dir.name)
         deadline = time.monotonic() + 120
         while True:
