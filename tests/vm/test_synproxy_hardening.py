@@ -25,6 +25,8 @@ from ipvs_synproxy.netlink import IPVS
 from ipvs_synproxy.testbed import flood, netns, peers, topology
 from ipvs_synproxy.testbed.transfer import BLOB, BlobServer, recv_exact
 from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
+    CLIENT_MAC,
+    LB_MAC,
     NETS,
     Capture,
     _frame,
@@ -791,7 +793,7 @@ def _icmp_about_a_syn(net, cport: int, port: int) -> bytes:
     else:
         pkt = (IPv6(src=net.client, dst=net.vip) / ICMPv6PacketTooBig(mtu=1280)
                / IPv6(src=net.vip, dst=net.client) / quoted)
-    return bytes(Ether(src="02:00:00:00:01:02", dst="02:00:00:00:01:01") / pkt)
+    return bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / pkt)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
