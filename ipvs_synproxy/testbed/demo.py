@@ -136,7 +136,8 @@ def steps() -> tuple[int, list[peers.HttpServer]]:
     failures = _requests("FULLNAT, no TOA reader on the real servers")
 
     _say("real servers: load toa.ko so servers see the client's own address")
-    subprocess.run(["insmod", str(_toa_ko())], check=True)
+    subprocess.run(["insmod", str(_toa_ko()), f"trusted_sources={topology.TOA_TRUSTED}"],
+                   check=True)
     failures += _requests("FULLNAT + TOA")
 
     # IPVS 6.1 folds its per-CPU counters into the totals on a 2 s estimator

@@ -32,6 +32,9 @@ LB_SERVER4 = "192.0.2.1"
 LB_SERVER6 = "2001:db8:2::1"
 LADDRS4 = tuple(f"192.0.2.{i}" for i in range(100, 104))
 LADDRS6 = tuple(f"2001:db8:2::{i}" for i in range(100, 104))
+# What the real servers' toa.ko believes TOA options from: lb's own
+# server-side addresses (its laddrs and the raw-socket tests' source).
+TOA_TRUSTED = "192.0.2.1,192.0.2.100/30,2001:db8:2::1,2001:db8:2::100/126"
 RS4 = {"rs1": "192.0.2.11", "rs2": "192.0.2.12"}
 RS6 = {"rs1": "2001:db8:2::11", "rs2": "2001:db8:2::12"}
 CLIENT_NET4, CLIENT_NET6 = "198.51.100.0/24", "2001:db8:1::/64"

@@ -17,8 +17,9 @@
  *   tcp_v4_syn_recv_sock/tcp_v6_syn_recv_sock (kretprobe): the ACK skb is an
  *     argument, the new child socket the return value; the option is parsed
  *     and remembered for the child.
- *   tcp_rcv_established (kprobe): until a child has received data, packets
- *     for it are checked for the option too (the "first data packet" case).
+ *   tcp_rcv_established (kprobe): a child whose handshake ACK had no option
+ *     gets a last chance on the segment with its first byte of data (the
+ *     balancer's "first data packet" case).
  *   inet_getname/inet6_getname (kretprobe): when the peer address of a
  *     socket with a remembered option is asked for, it is rewritten.
  *   inet_sock_destruct (kprobe): the final destructor of every inet socket
@@ -37,6 +38,13 @@
  * the same address replaces the old entry; and the table is bounded
  * (max_entries).  A lost destructor thus costs a slot until reuse, never a
  * wrong answer.
+ *
+ * Whom to believe.  Anybody can put a TOA option on a packet, so one is
+ * believed only from the balancers' own source addresses (trusted_sources,
+ * empty by default: nothing is believed until it is set), only on the
+ * handshake-completing segment or the first data segment, and only once
+ * per connection.  A client that reaches the server directly (NAT, DR) or
+ * sends the option later in the connection changes nothing.
  */
 
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
@@ -45,8 +53,10 @@
 #include <linux/hash.h>
 #include <linux/in.h>
 #include <linux/in6.h>
+#include <linux/inet.h>
 #include <linux/kprobes.h>
 #include <linux/module.h>
+#include <linux/mutex.h>
 #include <linux/percpu.h>
 #include <linux/proc_fs.h>
 #include <linux/seq_file.h>
@@ -67,6 +77,7 @@
 
 #define TOA_HASH_BITS		12
 #define TOA_GETNAME_MAXACTIVE	1024
+#define TOA_TRUST_MAX		64
 
 static unsigned int max_entries = 262144;
 module_param(max_entries, uint, 0444);
@@ -75,7 +86,7 @@ MODULE_PARM_DESC(max_entries, "Most sockets with a remembered client address (26
 static bool data_fallback = true;
 module_param(data_fallback, bool, 0444);
 MODULE_PARM_DESC(data_fallback,
-		 "Also look for the option on packets before a child's first data (Y)");
+		 "Also look for the option on a child's first data segment (Y)");
 
 enum toa_counter {
 	TOA_ACK_V4,
@@ -90,6 +101,7 @@ enum toa_counter {
 	TOA_STALE,
 	TOA_TABLE_FULL,
 	TOA_NOMEM,
+	TOA_UNTRUSTED,
 	TOA_COUNTERS
 };
 
@@ -106,6 +118,7 @@ static const char *const toa_counter_names[TOA_COUNTERS] = {
 	[TOA_STALE]		= "stale_entries",
 	[TOA_TABLE_FULL]	= "table_full",
 	[TOA_NOMEM]		= "nomem",
+	[TOA_UNTRUSTED]		= "untrusted",
 };
 
 struct toa_stats {
@@ -117,6 +130,162 @@ static DEFINE_PER_CPU(struct toa_stats, toa_stats);
 static void toa_inc(enum toa_counter c)
 {
 	this_cpu_inc(toa_stats.cnt[c]);
+}
+
+/* ---- trusted_sources: the balancers whose TOA options are believed ---- */
+
+/* One prefix; IPv4 ones are kept v4-mapped, their length plus 96. */
+struct toa_prefix {
+	struct in6_addr addr;
+	unsigned int len;
+};
+
+struct toa_trust {
+	struct rcu_head rcu;
+	unsigned int n;
+	struct toa_prefix p[];
+};
+
+static struct toa_trust __rcu *toa_trust;
+static DEFINE_MUTEX(toa_trust_lock);
+
+/* "192.0.2.1", "192.0.2.0/24", "2001:db8::/32": one prefix, host bits zeroed */
+static int toa_prefix_parse(const char *s, size_t n, struct toa_prefix *p)
+{
+	char buf[INET6_ADDRSTRLEN + 5];
+	const char *slash, *end;
+	unsigned int len, max;
+	struct in6_addr addr;
+	__be32 v4;
+
+	if (!n || n >= sizeof(buf))
+		return -EINVAL;
+	memcpy(buf, s, n);
+	buf[n] = '\0';
+	slash = strchr(buf, '/');
+	if (in4_pton(buf, -1, (u8 *)&v4, '/', &end) && *end == (slash ? '/' : '\0')) {
+		ipv6_addr_set_v4mapped(v4, &p->addr);
+		max = 32;
+	} else if (in6_pton(buf, -1, p->addr.s6_addr, '/', &end) &&
+		   *end == (slash ? '/' : '\0')) {
+		max = 128;
+	} else {
+		return -EINVAL;
+	}
+	len = max;
+	if (slash && (kstrtouint(slash + 1, 10, &len) || len > max))
+		return -EINVAL;
+	p->len = len + 128 - max;
+	addr = p->addr;
+	ipv6_addr_prefix(&p->addr, &addr, p->len);
+	return 0;
+}
+
+/* A list of prefixes separated by commas or blanks; empty trusts nobody. */
+static struct toa_trust *toa_trust_parse(const char *val)
+{
+	struct toa_trust *t;
+	const char *s = val;
+	size_t n;
+	int err;
+
+	t = kzalloc(struct_size(t, p, TOA_TRUST_MAX), GFP_KERNEL);
+	if (!t)
+		return ERR_PTR(-ENOMEM);
+	for (;;) {
+		s += strspn(s, ", \t\n");
+		n = strcspn(s, ", \t\n");
+		if (!n)
+			return t;
+		err = t->n < TOA_TRUST_MAX ? toa_prefix_parse(s, n, &t->p[t->n]) : -E2BIG;
+		if (err) {
+			pr_err("trusted_sources: cannot use \"%.*s\"%s\n",
+			       (int)min_t(size_t, n, 64), s,
+			       err == -E2BIG ? " (more than 64 prefixes)" : "");
+			kfree(t);
+			return ERR_PTR(err);
+		}
+		t->n++;
+		s += n;
+	}
+}
+
+static int toa_trust_set(const char *val, const struct kernel_param *kp)
+{
+	struct toa_trust *t = toa_trust_parse(val), *old;
+
+	if (IS_ERR(t))
+		return PTR_ERR(t);
+	mutex_lock(&toa_trust_lock);
+	old = rcu_replace_pointer(toa_trust, t, lockdep_is_held(&toa_trust_lock));
+	mutex_unlock(&toa_trust_lock);
+	if (old)
+		kfree_rcu(old, rcu);
+	return 0;
+}
+
+static int toa_trust_get(char *buf, const struct kernel_param *kp)
+{
+	const struct toa_trust *t;
+	int len = 0;
+	unsigned int i;
+
+	mutex_lock(&toa_trust_lock);
+	t = rcu_dereference_protected(toa_trust, lockdep_is_held(&toa_trust_lock));
+	for (i = 0; t && i < t->n; i++) {
+		const struct toa_prefix *p = &t->p[i];
+
+		if (ipv6_addr_v4mapped(&p->addr))
+			len += scnprintf(buf + len, PAGE_SIZE - len, "%s%pI4/%u", i ? "," : "",
+					 &p->addr.s6_addr32[3], p->len - 96);
+		else
+			len += scnprintf(buf + len, PAGE_SIZE - len, "%s%pI6c/%u", i ? "," : "",
+					 &p->addr, p->len);
+	}
+	mutex_unlock(&toa_trust_lock);
+	len += scnprintf(buf + len, PAGE_SIZE - len, "\n");
+	return len;
+}
+
+static const struct kernel_param_ops toa_trust_ops = {
+	.set = toa_trust_set,
+	.get = toa_trust_get,
+};
+
+module_param_cb(trusted_sources, &toa_trust_ops, NULL, 0644);
+MODULE_PARM_DESC(trusted_sources,
+		 "Balancer source prefixes whose TOA options are believed, comma-separated (none)");
+
+static void toa_trust_warn(void)
+{
+	const struct toa_trust *t;
+
+	mutex_lock(&toa_trust_lock);
+	t = rcu_dereference_protected(toa_trust, lockdep_is_held(&toa_trust_lock));
+	if (!t || !t->n)
+		pr_warn("trusted_sources is empty: no TOA option is believed until it is set\n");
+	mutex_unlock(&toa_trust_lock);
+}
+
+/* Did @skb come from a trusted balancer?  Caller holds the RCU read lock. */
+static bool toa_skb_trusted(const struct sk_buff *skb)
+{
+	const struct toa_trust *t = rcu_dereference(toa_trust);
+	struct in6_addr saddr;
+	unsigned int i;
+
+	if (!t || !t->n)
+		return false;
+	if (skb->protocol == htons(ETH_P_IP))
+		ipv6_addr_set_v4mapped(ip_hdr(skb)->saddr, &saddr);
+	else if (skb->protocol == htons(ETH_P_IPV6))
+		saddr = ipv6_hdr(skb)->saddr;
+	else
+		return false;
+	for (i = 0; i < t->n; i++)
+		if (ipv6_prefix_equal(&saddr, &t->p[i].addr, t->p[i].len))
+			return true;
+	return false;
 }
 
 /* What the option said; family 0 means "none seen yet" (a pending child). */
@@ -297,6 +466,21 @@ static bool toa_parse(const struct sk_buff *skb, struct toa_addr *toa)
 	return false;
 }
 
+/* A TOA option on @skb from a trusted balancer; an untrusted one is counted. */
+static bool toa_parse_trusted(const struct sk_buff *skb, struct toa_addr *toa)
+{
+	bool trusted;
+
+	if (!toa_parse(skb, toa))
+		return false;
+	rcu_read_lock();
+	trusted = toa_skb_trusted(skb);
+	rcu_read_unlock();
+	if (!trusted)
+		toa_inc(TOA_UNTRUSTED);
+	return trusted;
+}
+
 /* ---- tcp_v{4,6}_syn_recv_sock: the handshake-completing packet ---- */
 
 struct toa_syn_recv_data {
@@ -325,7 +509,7 @@ static void toa_syn_recv(struct kretprobe_instance *ri, struct pt_regs *regs,
 	 */
 	if (IS_ERR_OR_NULL(newsk) || !d->skb || newsk->sk_family != family)
 		return;
-	if (toa_parse(d->skb, &toa)) {
+	if (toa_parse_trusted(d->skb, &toa)) {
 		toa_inc(toa.family == AF_INET ? TOA_ACK_V4 : TOA_ACK_V6);
 		toa_store(newsk, &toa, false);
 	} else if (data_fallback) {
@@ -364,7 +548,18 @@ static struct kretprobe toa_syn_recv6 = {
 	.data_size	= sizeof(struct toa_syn_recv_data),
 };
 
-/* ---- tcp_rcv_established: packets before a pending child's first data ---- */
+/* ---- tcp_rcv_established: the first data segment of a pending child ---- */
+
+/* The segment that carries a connection's first byte: the only one after
+ * the handshake where a balancer puts the option.
+ */
+static bool toa_first_data(const struct sock *sk, const struct sk_buff *skb)
+{
+	if (!skb_transport_header_was_set(skb) ||
+	    skb->len <= skb_transport_offset(skb) + tcp_hdr(skb)->doff * 4)
+		return false;
+	return TCP_SKB_CB(skb)->seq == tcp_sk(sk)->rcv_nxt;
+}
 
 static int toa_rcv_established(struct kprobe *p, struct pt_regs *regs)
 {
@@ -374,7 +569,8 @@ static int toa_rcv_established(struct kprobe *p, struct pt_regs *regs)
 	struct toa_addr toa;
 	bool pending;
 
-	if (!atomic_read(&toa_entries) || tcp_sk(sk)->bytes_received)
+	if (!atomic_read(&toa_entries) || tcp_sk(sk)->bytes_received ||
+	    !toa_first_data(sk, skb))
 		return 0;
 	rcu_read_lock();
 	e = toa_find(sk);
@@ -382,12 +578,11 @@ static int toa_rcv_established(struct kprobe *p, struct pt_regs *regs)
 	rcu_read_unlock();
 	if (!pending)
 		return 0;
-	if (toa_parse(skb, &toa)) {
+	/* found or not, this was the last chance: once per connection */
+	if (toa_parse_trusted(skb, &toa)) {
 		toa_inc(toa.family == AF_INET ? TOA_DATA_V4 : TOA_DATA_V6);
 		toa_store(sk, &toa, true);
-	} else if (skb_transport_header_was_set(skb) &&
-		   skb->len > skb_transport_offset(skb) + tcp_hdr(skb)->doff * 4) {
-		/* first data without the option: stop looking */
+	} else {
 		toa_inc(TOA_NONE);
 		toa_forget(sk);
 	}
@@ -621,6 +816,7 @@ static int __init toa_init(void)
 	}
 	pr_info("loaded: TCP option %d (IPv4) and %d (IPv6) give the peer address\n",
 		TCPOPT_TOA_V4, TCPOPT_TOA_V6);
+	toa_trust_warn();
 	return 0;
 
 err_kprobes:
@@ -659,6 +855,7 @@ static void __exit toa_exit(void)
 	unregister_kprobes(toa_kprobes, ARRAY_SIZE(toa_kprobes));
 	toa_free_all();
 	unregister_pernet_subsys(&toa_net_ops);
+	kfree(rcu_dereference_protected(toa_trust, true));
 	pr_info("unloaded\n");
 }
 

@@ -266,11 +266,9 @@ def test_laddr_commands_report_errors(ipvs: IPVS) -> None:
 @pytest.fixture
 def toa_ko(topo: None) -> Iterator[None]:
     """The real-server TOA module (kernel_patches/toa) loaded for the test."""
-    from tests.vm.test_toa import _loaded, _rmmod, _toa_ko
+    from tests.vm.test_toa import _loaded, _rmmod, insmod
     assert not _loaded()
-    res = subprocess.run(["insmod", str(_toa_ko())], capture_output=True, text=True,
-                         check=False)
-    assert res.returncode == 0, res.stderr
+    insmod()
     yield
     _rmmod()
 

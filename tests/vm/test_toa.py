@@ -134,11 +134,16 @@ class RawTcp:
         """SYN, wait for the SYN/ACK, ACK (with ``ack_options``); then, if
         ``data_options`` is given, one data segment carrying them."""
         self.send(self._segment(self.isn, 0, 0x02, bytes([2, 4]) + struct.pack("!H", 1400)))
-        server_isn = self._synack()
-        self.send(self._segment(self.isn + 1, server_isn + 1, 0x10, ack_options))
+        self.server_isn = self._synack()
+        self.send(self._segment(self.isn + 1, self.server_isn + 1, 0x10, ack_options))
         if data_options is not None:
-            self.send(self._segment(self.isn + 1, server_isn + 1, 0x18, data_options,
-                                    b"hello"))
+            self.later(0x18, data_options, b"hello")
+
+    def later(self, flags: int, options: bytes = b"", payload: bytes = b"",
+              offset: int = 0) -> None:
+        """A segment after the handshake, ``offset`` bytes into the client's data."""
+        self.send(self._segment(self.isn + 1 + offset, self.server_isn + 1, flags, options,
+                                payload))
 
 
 class Listener:
@@ -189,6 +194,13 @@ def _toa_ko() -> Path:
     return ko if ko.exists() else kmod.build_toa().modules[0]
 
 
+def insmod(trusted: str = topology.TOA_TRUSTED) -> None:
+    """Load toa.ko believing TOA options from ``trusted`` (lb's addresses)."""
+    res = subprocess.run(["insmod", str(_toa_ko()), f"trusted_sources={trusted}"],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+
+
 def _loaded() -> bool:
     return Path("/sys/module/toa").exists()
 
@@ -212,9 +224,7 @@ def syncookies(topo: None) -> Iterator[None]:
 def toa(syncookies: None) -> Iterator[None]:
     """toa.ko loaded for the test, and unloaded cleanly afterwards."""
     assert not _loaded()
-    res = subprocess.run(["insmod", str(_toa_ko())], capture_output=True, text=True,
-                         check=False)
-    assert res.returncode == 0, res.stderr
+    insmod()
     yield
     _rmmod()
 
@@ -409,9 +419,7 @@ def test_an_option_overrunning_the_header_is_ignored(toa: None) -> None:
 
 
 def test_after_rmmod_the_peer_is_the_real_sender_again(syncookies: None) -> None:
-    res = subprocess.run(["insmod", str(_toa_ko())], capture_output=True, text=True,
-                         check=False)
-    assert res.returncode == 0, res.stderr
+    insmod()
     port = next(_port)
     listener = Listener(topology.RS4["rs1"], port)
     try:
@@ -442,9 +450,7 @@ def test_unloading_after_servers_asked_for_peers_is_clean(syncookies: None) -> N
     (rmmod *while* other CPUs keep calling getpeername() is a known gap: the
     6.1 guest can oops when the inet_getname kretprobe is disarmed under
     concurrent calls; see kernel_patches/toa/README.md.)"""
-    res = subprocess.run(["insmod", str(_toa_ko())], capture_output=True, text=True,
-                         check=False)
-    assert res.returncode == 0, res.stderr
+    insmod()
     port = next(_port)
     listener = Listener(topology.RS4["rs1"], port)
     conns: list[socket.socket] = []
@@ -477,3 +483,123 @@ def test_unloading_after_servers_asked_for_peers_is_clean(syncookies: None) -> N
         listener.close()
         if _loaded():
             _rmmod()
+
+
+# ---- whom to believe: trusted_sources, and only the handshake's segments ----------------
+
+PARAM = Path("/sys/module/toa/parameters/trusted_sources")
+
+
+@pytest.fixture
+def toa_untrusted(syncookies: None) -> Iterator[None]:
+    """toa.ko trusting other balancers than lb."""
+    assert not _loaded()
+    insmod("192.0.2.200,2001:db8:2::200/128")
+    yield
+    _rmmod()
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_an_option_from_an_untrusted_source_is_ignored(toa_untrusted: None,
+                                                       family: str) -> None:
+    src, dst, claim = ((topology.LB_SERVER4, topology.RS4["rs1"], CLAIM4) if family == "ipv4"
+                       else (topology.LB_SERVER6, topology.RS6["rs1"], CLAIM6))
+    before = toa_stats()
+    port = next(_port)
+    listener = Listener(dst, port)
+    try:
+        conn, peer = _accept_after(listener, RawTcp(src, dst, port), toa_option(*claim))
+        with conn:
+            assert peer[0] == src
+    finally:
+        listener.close()
+    after = toa_stats()
+    assert after["untrusted"] == before["untrusted"] + 1
+    assert after["ack_toa_v4"] + after["ack_toa_v6"] == \
+        before["ack_toa_v4"] + before["ack_toa_v6"]
+
+
+def test_with_no_trusted_source_nothing_is_believed(syncookies: None) -> None:
+    insmod("")
+    try:
+        assert PARAM.read_text() == "\n"
+        port = next(_port)
+        listener = Listener(topology.RS4["rs1"], port)
+        try:
+            conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER4,
+                                                        topology.RS4["rs1"], port),
+                                       toa_option(*CLAIM4))
+            with conn:
+                assert peer[0] == topology.LB_SERVER4
+        finally:
+            listener.close()
+    finally:
+        _rmmod()
+
+
+def _after_handshake(segments: list[tuple[int, bytes, bytes, int]]) -> tuple[str, int]:
+    """The peer rs1 reports for a handshake without the option followed by
+    segments (flags, options, payload, offset into the data)."""
+    port = next(_port)
+    listener = Listener(topology.RS4["rs1"], port)
+    raw = RawTcp(topology.LB_SERVER4, topology.RS4["rs1"], port)
+    try:
+        raw.handshake(b"")
+        conn, _ = listener.accept()
+        for seg in segments:
+            raw.later(*seg)
+        with conn:
+            # every segment has been processed once its payload can be read
+            want = sum(len(p) for _, _, p, _ in segments)
+            got = b""
+            conn.settimeout(10)
+            while len(got) < want:
+                chunk = conn.recv(4096)
+                assert chunk, "connection closed early"
+                got += chunk
+            return conn.getpeername()
+    finally:
+        raw.close()
+        listener.close()
+
+
+def test_an_option_on_a_pure_ack_after_the_handshake_is_ignored(toa: None) -> None:
+    peer = _after_handshake([(0x10, toa_option(*CLAIM4), b"", 0),
+                             (0x18, b"", b"hello", 0)])
+    assert peer[0] == topology.LB_SERVER4
+
+
+def test_an_option_on_a_second_data_segment_is_ignored(toa: None) -> None:
+    peer = _after_handshake([(0x18, b"", b"hello", 0),
+                             (0x18, toa_option(*CLAIM4), b"world", 5)])
+    assert peer[0] == topology.LB_SERVER4
+
+
+def test_an_option_on_an_out_of_order_segment_is_ignored(toa: None) -> None:
+    peer = _after_handshake([(0x18, toa_option(*CLAIM4), b"world", 5),
+                             (0x18, b"", b"hello", 0)])
+    assert peer[0] == topology.LB_SERVER4
+
+
+def test_trusted_sources_is_normalised_and_a_bad_list_changes_nothing(toa: None) -> None:
+    PARAM.write_text("192.0.2.77/24, 2001:DB8:2::5/64\n10.0.0.1")
+    assert PARAM.read_text() == "192.0.2.0/24,2001:db8:2::/64,10.0.0.1/32\n"
+    good = PARAM.read_text()
+    seed = int.from_bytes(os.urandom(4), "big")
+    print(f"trusted_sources fuzz seed {seed}")
+    rng = random.Random(seed)
+    alphabet = "0123456789abcdef:./, x-"
+    bad = ["192.0.2.1/33", "2001:db8::/129", "192.0.2.256", "host.example", "1.2.3.4/",
+           "/24", "::1/-1", "1.2.3.4/24/1", ",".join(["10.0.0.1"] * 65), "1.2.3.4 junk"]
+    bad += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
+            for _ in range(300)]
+    for value in bad:
+        try:
+            PARAM.write_text(value)
+        except OSError:
+            assert PARAM.read_text() == good, value
+        else:
+            # random text that happens to be a valid list: it must read back as one
+            assert all("/" in p for p in PARAM.read_text().strip().split(",") if p), value
+            PARAM.write_text(good)
+    assert PARAM.read_text() == good
