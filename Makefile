@@ -69,7 +69,7 @@ demo: deps
 
 # Benchmarks (bench/README.md): every contender measured in one guest boot, then
 # bench/results/bench-<time>.json, bench/results/bench.png and the README table.
-BENCH_TIMEOUT ?= 2100
+BENCH_TIMEOUT ?= 2400
 BENCH_ARGS ?=
 BENCH_RAW := build/bench/run.json
 bench: deps

@@ -87,13 +87,13 @@ def conn_object_size() -> int:
         return int(f.read())
 
 
-def _nft(ns: str, script: str) -> None:
+def run_nft(ns: str, script: str) -> None:
     res = netns.run(ns, ["nft", "-f", "-"], input=script, check=False)
     if res.returncode != 0:
         raise BenchSetupError(f"nft in {ns}: {res.stderr.strip()}")
 
 
-def _nft_delete(ns: str, table: str) -> None:
+def delete_nft_table(ns: str, table: str) -> None:
     netns.run(ns, ["nft", "delete", "table", *table.split()], check=False)
 
 
@@ -143,14 +143,14 @@ class Contender:
             # its sequence adjustment needs IPVS to keep conntrack entries updated.
             self._sysctl("lb", "net.netfilter.nf_conntrack_tcp_loose", "0")
             self._sysctl("lb", "net.ipv4.vs.conntrack", "1")
-            _nft("lb", NF_SYNPROXY_RULES)
+            run_nft("lb", NF_SYNPROXY_RULES)
 
     def teardown(self) -> None:
         if self.drop_only:
             del_drop()
             return
         if self.nf_synproxy:
-            _nft_delete("lb", "ip bench_nfsp")
+            delete_nft_table("lb", "ip bench_nfsp")
         with IPVS("lb") as ipvs:
             ipvs.flush()
         for (ns, key), value in self._saved.items():
@@ -160,11 +160,11 @@ class Contender:
 
 def add_drop() -> None:
     """The baseline: drop the flood in lb's raw PREROUTING, ahead of everything."""
-    _nft("lb", DROP_RULES)
+    run_nft("lb", DROP_RULES)
 
 
 def del_drop() -> None:
-    _nft_delete("lb", "ip bench_drop")
+    delete_nft_table("lb", "ip bench_drop")
 
 
 _PORTS_SET = "{ " + ", ".join(map(str, PORTS)) + " }"

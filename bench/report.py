@@ -15,7 +15,10 @@ whole guest's busy seconds per SYN (generator included) are shown too. The
 baseline (the flood dropped in lb's raw PREROUTING) shows the part every
 contender pays to receive a packet at all. Figures are medians over the
 rounds with their range (min-max); ratios are geometric means of the rounds'
-own ratios.
+own ratios. The port search piece (bench.portsearch) gives one more ratio:
+new connections per second with 90% of a FULLNAT service's local ports taken
+over the same with none taken. A run of only some pieces (``bench.run
+--only``) leaves the README alone.
 """
 
 from __future__ import annotations
@@ -170,15 +173,66 @@ def ratios(per_round: dict[str, list[Record]]) -> dict[str, float]:
     return out
 
 
+def port_search(raw: Record) -> Record | None:
+    """The port search piece's rounds and their summary; None if it did not run.
+    The ratio is the geometric mean of the rounds' (90% taken)/(none taken)
+    connection rates, which alternated seconds apart."""
+    recs = raw.get("port_search") or []
+    if not recs:
+        return None
+    rounds = []
+    for r in recs:
+        ports = r["fill"]["ports"]
+        rounds.append({
+            "round": r["round"],
+            "full_conn_per_s": r["full"]["per_s"], "free_conn_per_s": r["free"]["per_s"],
+            "ratio": r["full"]["per_s"] / r["free"]["per_s"] if r["free"]["per_s"] else 0.0,
+            "taken_pct": 100 * r["fill"]["taken"] / ports,
+            "taken_after_pct": 100 * r["taken_after"] / ports,
+            "give_up_per_kconn": 1e3 * r["counters"]["fullnat_lport_give_up"]
+            / max(r["full"]["ok"], 1),
+            "expired": r["held_for_s"] > r["hold_s"],
+        })
+    first = recs[0]
+    summ = {k: spread([f[k] for f in rounds]) for k in rounds[0]
+            if k not in ("round", "expired")}
+    return {"window": first["window"], "laddrs": first["laddrs"],
+            "taken_share": first["taken_share"], "tries": first["tries"],
+            "ratio": _geomean([f["ratio"] for f in rounds]),
+            "expired_rounds": sum(f["expired"] for f in rounds),
+            "summary": summ, "per_round": rounds}
+
+
+def port_search_line(ps: Record) -> str:
+    s = ps["summary"]
+    line = (f"Port search: new connections/s through a FULLNAT service (no SYN proxy, "
+            f"{ps['laddrs']} laddrs x {ps['window']} local ports) with "
+            f"{100 * ps['taken_share']:.0f}% of its ports held, over the same with none "
+            f"held, alternating: **{ps['ratio']:.2f}** (geometric mean of "
+            f"{s['ratio']['n']} rounds; {_cell(s, 'full_conn_per_s')} vs "
+            f"{_cell(s, 'free_conn_per_s')} conn/s; ports taken "
+            f"{_fmt(s['taken_pct']['median'])}% at the start, "
+            f"{_fmt(s['taken_after_pct']['median'])}% at the end; "
+            f"`fullnat_lport_give_up` {_cell(s, 'give_up_per_kconn')} per 1000 connections; "
+            f"`fullnat_lport_tries` {ps['tries'] if ps['tries'] is not None else 'absent'}).")
+    if ps["expired_rounds"]:
+        line += (f" In {ps['expired_rounds']} round(s) the measurement outlasted the held "
+                 "connections' SYN_RECV timeout.")
+    return line
+
+
 def targets(summary: dict[str, dict[str, dict[str, float]]], mem: dict[str, int],
             rat: dict[str, float]) -> list[Record]:
-    """The issue's targets, for each of our two forwarding methods."""
+    """The issue's targets, for each of our two forwarding methods (those a
+    partial run measured)."""
     rows: list[Record] = []
 
     def add(what: str, value: float, goal: str, ok: bool, unit: str = "") -> None:
         rows.append({"target": what, "measured": value, "goal": goal, "met": ok, "unit": unit})
 
     for ours in OURS:
+        if ours not in summary or f"{ours}/{NF}:synack_per_s" not in rat:
+            continue
         s, tag = summary[ours], SHORT[ours]
         r = rat[f"{ours}/{NF}:synack_per_s"]
         add(f"{tag}: SYN/ACKs/s at saturation vs (b)", r, ">= 1.5x", r >= 1.5, "x")
@@ -191,9 +245,10 @@ def targets(summary: dict[str, dict[str, dict[str, float]]], mem: dict[str, int]
         add(f"{tag}: transfer throughput vs stock NAT (c)", t, ">= 0.9x", t >= 0.9, "x")
         c = rat[f"{ours}/{STOCK}:conn_per_s"]
         add(f"{tag}: new connections/s vs stock NAT (c)", c, ">= 0.7x", c >= 0.7, "x")
-    extra = mem["patched"] - mem["stock"]
-    add("memory per connection vs stock (struct ip_vs_conn)", extra, "<= +128 B",
-        extra <= 128, "B")
+    if "patched" in mem and "stock" in mem:
+        extra = mem["patched"] - mem["stock"]
+        add("memory per connection vs stock (struct ip_vs_conn)", extra, "<= +128 B",
+            extra <= 128, "B")
     return rows
 
 
@@ -234,13 +289,24 @@ ROWS = (
 
 
 def markdown(res: Record) -> str:
-    summ, rat, host = res["summary"], res["ratios"], res["host"]
-    cols = [n for n in SHOWN if n in summ]
+    summ, host = res["summary"], res["host"]
     lines = [
         f"Latest run: {res['run']['started'][:10]}, `make bench` on {host['description']}; "
         f"{res['run']['params']['rounds']} interleaved rounds, median (min..max); "
         f"the guest's part took {res['run']['seconds'] / 60:.0f} min, host load average "
         f"{host['loadavg'][2]:.1f} (15 min) when it ended.",
+    ]
+    if any(n in summ for n in SHOWN):
+        lines += _contender_tables(res)
+    if res.get("port_search"):
+        lines += ["", port_search_line(res["port_search"])]
+    return "\n".join(lines) + "\n"
+
+
+def _contender_tables(res: Record) -> list[str]:
+    summ, rat = res["summary"], res["ratios"]
+    cols = [n for n in SHOWN if n in summ]
+    lines = [
         "",
         "| | " + " | ".join(SHORT[c] for c in cols) + " |",
         "|---|" + "---:|" * len(cols),
@@ -249,7 +315,7 @@ def markdown(res: Record) -> str:
         lines.append(f"| {label} | " + " | ".join(_cell(summ[c], key) for c in cols) + " |")
     mem = res["run"]["conn_object_size"]
     lines.append("| bytes per connection (ip_vs_conn) | "
-                 + " | ".join(str(mem["patched"] if c in (*OURS, CONTROL) else mem["stock"])
+                 + " | ".join(str(mem.get("patched" if c in (*OURS, CONTROL) else "stock", "-"))
                               for c in cols) + " |")
     lines += ["", "| ratio (geometric mean of rounds) | (a) NAT / (b) | (a) NAT / (c) "
               "| (a) FULLNAT / (b) | (a) FULLNAT / (c) |", "|---|---:|---:|---:|---:|"]
@@ -261,7 +327,7 @@ def markdown(res: Record) -> str:
     for t in res["targets"]:
         lines.append(f"| {t['target']} | {t['goal']} | {_fmt(t['measured'])}{t['unit']} | "
                      f"{'met' if t['met'] else '**missed**'} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def host_description() -> Record:
@@ -284,7 +350,8 @@ def analyse(raw: Record) -> Record:
     summ = summarize(per_round)
     rat = ratios(per_round)
     return {"summary": summ, "ratios": rat,
-            "targets": targets(summ, raw["conn_object_size"], rat), "per_round": per_round}
+            "targets": targets(summ, raw["conn_object_size"], rat), "per_round": per_round,
+            "port_search": port_search(raw)}
 
 
 def plot(res: Record, path: Path) -> None:
@@ -332,10 +399,18 @@ def update_readme(readme: Path, table: str, png: str) -> None:
 
 def compare(a: Record, b: Record, tolerance: float = 0.2) -> tuple[bool, list[str]]:
     """Do two results agree on every ratio within ``tolerance``? A ratio that
-    only one of them has is a disagreement too (a contender went missing)."""
+    only one of them has is a disagreement too (a contender went missing); the
+    port search's ratio is compared when both have it (results from before it
+    existed have none)."""
     ok, lines = True, []
-    for key in sorted(set(a["ratios"]) | set(b["ratios"])):
-        x, y = a["ratios"].get(key), b["ratios"].get(key)
+    ra, rb = dict(a["ratios"]), dict(b["ratios"])
+    pa, pb = a.get("port_search"), b.get("port_search")
+    if pa and pb:
+        ra["port-search:conn_per_s"], rb["port-search:conn_per_s"] = pa["ratio"], pb["ratio"]
+    elif pa or pb:
+        lines.append("SKIP port-search:conn_per_s: only in one of the runs")
+    for key in sorted(set(ra) | set(rb)):
+        x, y = ra.get(key), rb.get(key)
         if x is None or y is None:
             ok = False
             lines.append(f"MISS {key}: {x} vs {y}")
@@ -378,12 +453,16 @@ def main(argv: list[str] | None = None) -> int:
     records = ",\n  ".join(json.dumps(r, separators=(",", ":")) for r in res["records"])
     out.write_text(head.replace('"records": null', f'"records": [\n  {records}\n ]') + "\n")
     png = args.results / "bench.png"
-    plot(res, png)
+    partial = raw["params"].get("only") is not None
+    if res["summary"]:
+        plot(res, png)
     table = markdown(res)
-    if args.readme:
+    if args.readme and partial:
+        print(f"a partial run (--only {raw['params']['only']}): {args.readme} left alone")
+    elif args.readme:
         update_readme(args.readme, table, os.path.relpath(png, args.readme.parent))
     print(table)
-    print(f"results: {out}, plot: {png}")
+    print(f"results: {out}" + (f", plot: {png}" if res["summary"] else ""))
     return 0
 
 

@@ -10,7 +10,10 @@ second, one bulk download, the baseline flood (dropped in lb's raw PREROUTING)
 and then a flat-out flood of the contender, each with its rate and its cost on
 the balancer's vCPU (bench.measure.flood_rate), connect times during a flat-out
 flood. The control (patched modules, proxy
-off) has no flood. The raw records go to the
+off) has no flood. Each round ends with the port search piece
+(bench.portsearch: new connections through a FULLNAT service whose local ports
+are 90% taken, against one whose ports are free). ``--only`` runs just the
+contenders or just the port search. The raw records go to the
 output file (JSON); ``bench.report`` turns them into figures.
 """
 
@@ -22,10 +25,11 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import measure
+from bench import measure, portsearch
 from bench.contenders import (
     BASELINE,
     CONN_PORT,
@@ -56,9 +60,10 @@ def log(msg: str) -> None:
 
 class Servers:
     """ConnServer on ports 80 and 81 and BlobServer on 8080 and 8081 (81 and 8081
-    for the direct references) in each real server, in a child process (not
-    sharing this one's GIL with the clients). Restarted for every measurement:
-    closing a listener drops its queue of half-open requests."""
+    for the direct references) in each real server, and the port search's
+    ConnServers in rs1, in a child process (not sharing this one's GIL with the
+    clients). Restarted for every measurement: closing a listener drops its
+    queue of half-open requests."""
 
     def __init__(self) -> None:
         self._proc: ServerProcess | None = None
@@ -68,7 +73,8 @@ class Servers:
         self._proc = ServerProcess(
             [f"{kind}:{rs}:{topology.RS4[rs]}:{port}" for rs in RS_NAMES
              for kind, port in (("conn", CONN_PORT), ("conn", REF_PORT),
-                                ("blob", XFER_PORT), ("blob", XFER_REF_PORT))])
+                                ("blob", XFER_PORT), ("blob", XFER_REF_PORT))]
+            + portsearch.server_specs())
 
     def close(self) -> None:
         if self._proc is not None:
@@ -95,6 +101,14 @@ def measure_contender(name: str, args: argparse.Namespace) -> dict[str, Any]:
     finally:
         c.teardown()
     return rec
+
+
+def port_search_line(rec: dict[str, Any]) -> str:
+    fill = rec["fill"]
+    return (f"port search: {rec['full']['per_s']:.0f} conn/s with {fill['taken']}/{fill['ports']}"
+            f" ports taken ({rec['taken_after']} after), {rec['free']['per_s']:.0f} conn/s"
+            f" with none; fullnat_lport_give_up +{rec['counters']['fullnat_lport_give_up']},"
+            f" held for {rec['held_for_s']:.0f} s")
 
 
 def summary_line(rec: dict[str, Any]) -> str:
@@ -134,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--xfer-pairs", type=int, default=3,
                    help="downloads through the VIP, alternating with as many straight"
                    " from a real server")
+    p.add_argument("--only", choices=("contenders", "port-search"),
+                   help="run only these pieces (default: both; a partial run leaves the"
+                   " README's table alone)")
     args = p.parse_args(argv)
 
     if os.environ.get("IPVS_SP_GUEST") != "1" or os.environ.get("IPVS_SP_TOPOLOGY") != "1":
@@ -149,12 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         "contenders": {n: measure.describe(c) for n, c in CONTENDERS.items()},
         "conn_object_size": {},
         "records": [],
+        "port_search": [],
     }
     measure.pin(measure.LEGIT_CPU)
     servers = Servers()
     try:
         for rnd in range(args.rounds):
-            blocks = BLOCKS if rnd % 2 == 0 else BLOCKS[::-1]
+            blocks: Sequence[tuple[str, tuple[str, ...]]] = (
+                () if args.only == "port-search" else BLOCKS if rnd % 2 == 0 else BLOCKS[::-1])
             for kind, names in blocks:
                 order = names if rnd % 2 == 0 else names[::-1]
                 for name in order:
@@ -170,8 +189,19 @@ def main(argv: list[str] | None = None) -> int:
                     rec.update({"round": rnd, "block": kind})
                     out["records"].append(rec)
                     log(f"round {rnd} {summary_line(rec)}")
-                    args.out.parent.mkdir(parents=True, exist_ok=True)
-                    args.out.write_text(json.dumps(out, indent=1))
+                    _save(args.out, out)
+            if args.only != "contenders":
+                if stop_requested():
+                    log("stop requested")
+                    return 130
+                load_ipvs("patched")
+                out["conn_object_size"]["patched"] = conn_object_size()
+                servers.restart()
+                ps = portsearch.measure_port_search(args.conn_seconds, args.conn_chunks)
+                ps["round"] = rnd
+                out["port_search"].append(ps)
+                log(f"round {rnd} {port_search_line(ps)}")
+                _save(args.out, out)
     finally:
         servers.close()
         unload_ipvs()
@@ -179,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(out, indent=1))
     log(f"done in {out['seconds']:.0f} s: {args.out}")
     return 0
+
+
+def _save(path: Path, out: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
 
 
 def _cpu_model() -> str:

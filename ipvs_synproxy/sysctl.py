@@ -136,6 +136,8 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
          lo=1, hi=65535),
     Knob("fullnat_lport_max", "65535", "highest local port FULLNAT allocates", _FNAT,
          lo=1, hi=65535),
+    Knob("fullnat_lport_tries", "64", "local ports a FULLNAT connection tries on one "
+         "laddr before going on to the next", _FNAT, lo=1, hi=65536),
     Knob("fullnat_toa", "1", "add the TOA option (client address) to FULLNAT SYNs and "
          "first ACK/data", _FNAT, lo=0, hi=1),
     Knob("fullnat_mss_adjust", "1", "lower the MSS of real servers' SYN/ACKs by the TOA "

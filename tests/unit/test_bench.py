@@ -206,3 +206,117 @@ def test_markdown_has_every_contender_and_the_targets() -> None:
     for label in ("(a) NAT", "(a) FULLNAT", "(b) nf SYNPROXY", "(c) RS cookies", "control"):
         assert label in md
     assert "**missed**" in md and "test host" in md
+
+
+def _port_search(rnd: int, full: float, free: float, held_for: float = 30.0,
+                 give_up: int = 0) -> dict[str, Any]:
+    return {"round": rnd, "window": 4096, "laddrs": 4, "taken_share": 0.9, "tries": 64,
+            "hold_s": 60.0, "held_for_s": held_for,
+            "fill": {"ports": 16384, "taken": 14746},
+            "full": {"ok": int(full * 3), "per_s": full}, "free": {"ok": int(free * 3),
+                                                                   "per_s": free},
+            "taken_after": 15000, "free_taken_after": 300,
+            "counters": {"fullnat_lport_give_up": give_up}}
+
+
+def test_port_search_ratio_is_the_geometric_mean_of_the_rounds_own_ratios() -> None:
+    raw = raw_run()
+    raw["port_search"] = [_port_search(0, 100, 200), _port_search(1, 200, 100),
+                          _port_search(2, 150, 150, give_up=9)]
+    ps = report.analyse(raw)["port_search"]
+    # rounds 0.5, 2, 1
+    assert ps["ratio"] == pytest.approx(1.0)
+    assert ps["summary"]["taken_pct"]["median"] == pytest.approx(90.0, abs=0.01)
+    assert ps["summary"]["give_up_per_kconn"]["max"] == pytest.approx(20.0)
+    assert ps["expired_rounds"] == 0
+
+
+def test_a_run_without_the_port_search_has_none() -> None:
+    assert report.analyse(raw_run())["port_search"] is None
+
+
+def test_markdown_has_the_port_search_line_and_flags_expired_holds() -> None:
+    raw = raw_run()
+    raw["port_search"] = [_port_search(0, 90, 100), _port_search(1, 90, 100, held_for=70)]
+    res = {"run": {k: v for k, v in raw.items() if k != "records"},
+           "host": {"description": "test host", "loadavg": (1.0, 1.0, 1.0)}, **report.analyse(raw)}
+    md = report.markdown(res)
+    line = next(ln for ln in md.splitlines() if ln.startswith("Port search: "))
+    assert "**0.90**" in line and "90% of its ports held" in line
+    assert "In 1 round(s) the measurement outlasted" in line
+    assert "| ratio (geometric mean of rounds) |" in md
+
+
+def test_a_port_search_only_run_reports_without_the_contenders() -> None:
+    raw = {"started": "2026-12-03T03:00:00Z", "seconds": 60.0,
+           "params": {"connect_timeout": 5.0, "rounds": 2, "only": "port-search"},
+           "conn_object_size": {"patched": 384}, "records": [],
+           "port_search": [_port_search(0, 100, 100), _port_search(1, 95, 100)]}
+    res = {"run": {k: v for k, v in raw.items() if k != "records"},
+           "host": {"description": "test host", "loadavg": (1.0, 1.0, 1.0)}, **report.analyse(raw)}
+    assert res["targets"] == [] and res["ratios"] == {}
+    md = report.markdown(res)
+    assert "Port search: " in md and "(b) nf SYNPROXY" not in md
+
+
+def test_compare_checks_the_port_search_only_when_both_runs_have_it() -> None:
+    old = report.analyse(raw_run())
+    raw = raw_run()
+    raw["port_search"] = [_port_search(0, 100, 100)]
+    new = report.analyse(raw)
+    ok, lines = report.compare(old, new)
+    assert ok and any(line.startswith("SKIP port-search") for line in lines)
+    raw["port_search"] = [_port_search(0, 50, 100)]
+    ok, lines = report.compare(new, report.analyse(raw))
+    assert not ok and any(line.startswith("DIFF port-search:conn_per_s") for line in lines)
+
+
+class _FakePorts:
+    """The kernel as the port search's fill sees it: each SYN takes a port while
+    one is free; those rs1 resets free theirs when the fill waits them out."""
+
+    def __init__(self, size: int, lost: int = 0) -> None:
+        self.size, self.lost = size, lost
+        self.held = self.reset = 0
+        self.answer: str | None = None
+        self.log: list[tuple[str, Any]] = []
+
+    def send(self, n: int) -> int:
+        if n <= 0:
+            return 0
+        self.log.append(("syns", n))
+        made = min(max(n - self.lost, 0), self.size - self.held - self.reset)
+        self.lost = 0           # some SYNs of the first burst make no connection
+        if self.answer == "drop":
+            self.held += made
+        else:
+            self.reset += made
+        return n
+
+    def sleep(self, _s: float) -> None:
+        self.reset = 0
+
+
+def test_port_search_fill_holds_the_share_and_goes_once_around_the_ranges(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import portsearch
+
+    size = portsearch.WINDOW * 4
+    k = _FakePorts(size, lost=20)
+
+    def answer(verdict: str | None) -> None:
+        k.answer = verdict
+        k.log.append(("rs1", verdict))
+
+    monkeypatch.setattr(portsearch, "_send_syns", k.send)
+    monkeypatch.setattr(portsearch, "_rs_answer", answer)
+    monkeypatch.setattr(portsearch, "_taken", lambda ipvs, svc: k.held + k.reset)
+    monkeypatch.setattr(portsearch.time, "sleep", k.sleep)
+    rec = portsearch.fill(None, None)  # type: ignore[arg-type]
+    target = round(0.9 * size)
+    assert (rec["held"], rec["taken"], rec["full"]) == (target, target, size)
+    # held SYNs dropped by rs1 (topped up for the lost ones), the rest reset
+    # with a little to spare, then rs1's listener answers again
+    assert k.log == [("rs1", "drop"), ("syns", target), ("syns", 20),
+                     ("rs1", "reject with tcp reset"), ("syns", size - target + size // 100),
+                     ("rs1", None)]

@@ -27,7 +27,7 @@ def _procnames_added_by_patches() -> set[str]:
 
 def test_every_knob_the_patch_series_adds_is_documented() -> None:
     added = _procnames_added_by_patches()
-    assert {"fullnat_lport_min", "fullnat_lport_max"} <= added
+    assert {"fullnat_lport_min", "fullnat_lport_max", "fullnat_lport_tries"} <= added
     assert added - set(sysctl.KNOBS) == set()
 
 
@@ -48,6 +48,8 @@ def test_every_knob_is_in_the_operator_guide_with_its_default() -> None:
     ("sync_threshold", [0, 0], ("sync_threshold", (0, 0))),
     ("sync_ports", 4, ("sync_ports", (4,))),
     ("fullnat_lport_max", "65535", ("fullnat_lport_max", (65535,))),
+    ("fullnat_lport_tries", 1, ("fullnat_lport_tries", (1,))),
+    ("fullnat_lport_tries", "65536", ("fullnat_lport_tries", (65536,))),
     ("sync_qlen_max", 2**40, ("sync_qlen_max", (2**40,))),
 ])
 def test_good_values(name: str, value: object, expected: tuple[str, sysctl.Value]) -> None:
@@ -67,6 +69,8 @@ def test_good_values(name: str, value: object, expected: tuple[str, sysctl.Value
     ("sync_threshold", "60 50", "threshold 60 must be below the period 50"),
     ("sync_threshold", "3", "takes 2 integers, got 1"),
     ("fullnat_lport_min", 0, "0 out of range 1-65535"),
+    ("fullnat_lport_tries", 0, "0 out of range 1-65536"),
+    ("fullnat_lport_tries", 65537, "65537 out of range 1-65536"),
     ("fullnat_toa", 2, "2 out of range 0-1"),
 ])
 def test_bad_values(name: str, value: object, message: str) -> None:

@@ -353,7 +353,8 @@ def test_every_knob_of_the_loaded_modules_is_documented(
         short = sysctl.short_name(name)
         if sysctl.KNOBS[short].default and short not in TOUCHED:
             assert k["value"] == k["default"], (name, "fresh namespace has the default")
-    for n in ("fullnat_lport_min", "fullnat_lport_max", "fullnat_toa", "fullnat_mss_adjust"):
+    for n in ("fullnat_lport_min", "fullnat_lport_max", "fullnat_lport_tries", "fullnat_toa",
+              "fullnat_mss_adjust"):
         assert f"net.ipv4.vs.{n}" in got
 
 

@@ -490,6 +490,9 @@ def test_port_exhaustion_fails_cleanly_and_more_laddrs_fix_it(
                 after = ipvs.ext_stats()
                 assert after["fullnat_lport_exhausted"] - before["fullnat_lport_exhausted"] \
                     >= failed
+                # one laddr: every refused connection is one search given up
+                assert after["fullnat_lport_give_up"] - before["fullnat_lport_give_up"] \
+                    == after["fullnat_lport_exhausted"] - before["fullnat_lport_exhausted"]
                 assert after["fullnat_conn_new"] - before["fullnat_conn_new"] == ok
             finally:
                 for s in socks:
@@ -509,6 +512,43 @@ def test_port_exhaustion_fails_cleanly_and_more_laddrs_fix_it(
                     before["fullnat_lport_exhausted"]
             finally:
                 for s in socks:
+                    s.close()
+
+
+def test_a_port_range_within_lport_tries_is_searched_whole(
+        ipvs: IPVS, no_route_back: None, quick_syn_timeout: None) -> None:
+    # 32 ports, fullnat_lport_tries 64 (the default): the search walks the whole
+    # range, so every port freed anywhere in it is found and a connection is
+    # refused only when all 32 are taken.
+    net = NETS["ipv4"]
+    rs = net.rs["rs1"]
+    lo, hi = 30000, 30031
+    with lb_sysctls(fullnat_lport_min=lo, fullnat_lport_max=hi, fullnat_lport_tries=64):
+        svc = fullnat_service(ipvs, net, net.laddrs[:1], servers=("rs1",), port=8082)
+        with rs_listener("rs1", rs, 8082):
+            socks, ok, failed = connect_many(net.vip, 8082, 32)
+            more: list[socket.socket] = []
+            try:
+                assert (ok, failed) == (32, 0)
+                # Every other connection reset: CLOSE, its port free 10 s later.
+                for s in socks[1::2]:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    s.close()
+                assert wait_for(lambda: ipvs.laddrs(svc)[0].conn_counts == 16, 30), \
+                    ipvs.laddrs(svc)
+                before = ipvs.ext_stats()
+                more, ok, failed = connect_many(net.vip, 8082, 16)
+                assert (ok, failed) == (16, 0)
+                assert ipvs.ext_stats()["fullnat_lport_give_up"] == \
+                    before["fullnat_lport_give_up"]
+                extra, ok, failed = connect_many(net.vip, 8082, 1, deadline=10)
+                more += extra
+                assert (ok, failed) == (0, 1)
+                after = ipvs.ext_stats()
+                assert after["fullnat_lport_give_up"] > before["fullnat_lport_give_up"]
+                assert after["fullnat_lport_exhausted"] > before["fullnat_lport_exhausted"]
+            finally:
+                for s in socks + more:
                     s.close()
 
 
