@@ -140,6 +140,8 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
          "laddr before going on to the next", _FNAT, lo=1, hi=65536),
     Knob("fullnat_toa", "1", "add the TOA option (client address) to FULLNAT SYNs and "
          "first ACK/data", _FNAT, lo=0, hi=1),
+    Knob("fullnat_toa_trust", "0", "1: pass on TOA options clients send (an upstream "
+         "balancer's, two-tier); 0: remove them from every packet", _FNAT, lo=0, hi=1),
     Knob("fullnat_mss_adjust", "1", "lower the MSS of real servers' SYN/ACKs by the TOA "
          "size", _FNAT, lo=0, hi=1),
     Knob("synproxy_mss", "1452", "MSS the SYN proxy announces to IPv4 clients (IPv6: 32 "

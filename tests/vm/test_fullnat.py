@@ -910,6 +910,40 @@ def test_icmp_errors_are_translated_both_ways(
             assert ipvs.ext_stats()["fullnat_icmp"] == before + 2
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_client_side_icmp_error_with_a_bad_checksum_goes_no_further(
+        ipvs: IPVS, no_route_back: None, family: str) -> None:
+    """The balancer computes the ICMP checksum afresh after translating an
+    error from the client's side: one that arrived corrupted must be dropped
+    first, or it reaches the real server looking sound. The same error with
+    its checksum intact gets through (the control)."""
+    net = NETS[family]
+    v = net.version
+    rs = net.rs["rs1"]
+    fullnat_service(ipvs, net, net.laddrs[:1], servers=("rs1",), port=8091)
+    with peer_recorder("rs1", rs, 8091) as seen:
+        with netns.netns("client"):
+            c = socket.socket(peers.family_of(net.vip), socket.SOCK_STREAM)
+        with c:
+            c.settimeout(10)
+            c.connect((net.vip, 8091))
+            cport = c.getsockname()[1]
+            assert wait_for(lambda: bool(seen), 10)
+            good = _icmp_error(v, net.client, net.vip, net.vip, net.client, 8091, cport,
+                               (CLIENT_MAC, LB_MAC))
+            csum_at = 14 + (20 if v == 4 else 40) + 2
+            bad = bytearray(good)
+            bad[csum_at] ^= 0x5A
+            for frame, arrives in ((bytes(bad), False), (good, True)):
+                cap = Capture("rs1")
+                try:
+                    _send_from("client", frame)
+                    time.sleep(1)
+                finally:
+                    got = _icmp_frames(cap.stop(), v)
+                assert bool(got) == arrives, ("corrupted" if not arrives else "intact", got)
+
+
 def _rs_segment(version: int, src: str, dst: str, seg: bytes, l4len: int | None = None
                 ) -> bytes:
     """Ethernet frame rs1 -> lb (eth1) carrying seg with a correct checksum."""
