@@ -707,7 +707,7 @@ def test_sack_blocks_reach_the_client_in_its_own_numbers(
 
 # ---- the ACK-storm filter and loss recovery without SACK ----------------------------------
 
-NEWRENO_XFER = 8 * 1024 * 1024
+NEWRENO_XFER = 16 * 1024 * 1024
 
 
 @contextmanager
@@ -726,7 +726,8 @@ def test_the_ack_storm_filter_leaves_newreno_loss_recovery_alone(
         ipvs: IPVS, blob_servers: None, method: str, family: str) -> None:  # noqa: F811
     """Without SACK a lost segment makes the client send one identical pure ACK
     (a duplicate ACK) for every segment after it, dozens within a round trip:
-    that is loss recovery, not a storm. Downloads under 3 % loss toward a
+    that is loss recovery, not a storm. Downloads under 1 % loss (a larger
+    window than at 3 %: more duplicate ACKs per loss) toward a
     client with SACK off, the filter on (the default) and off in turns: with
     it on, none of the client's ACKs is dropped, and the downloads are not
     slower."""
@@ -734,7 +735,7 @@ def test_the_ack_storm_filter_leaves_newreno_loss_recovery_alone(
     synproxy_service(ipvs, net, METHODS[method], port=8080, servers=("rs1",))
     seconds: dict[int, list[float]] = {10: [], 0: []}
     dropped = 0
-    with client_sysctl("net.ipv4.tcp_sack", 0), netem_loss("lb", "eth0", 3):
+    with client_sysctl("net.ipv4.tcp_sack", 0), netem_loss("lb", "eth0", 1):
         for _ in range(2):
             for limit in (10, 0):
                 with lb_sysctls(synproxy_ack_storm=limit):

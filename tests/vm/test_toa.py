@@ -31,6 +31,7 @@ import pytest
 
 from ipvs_synproxy import kmod
 from ipvs_synproxy.testbed import netns, topology
+from tests.vm.test_synproxy_hardening import nft
 
 CLAIM4 = (topology.CLIENT4, 4242)
 CLAIM6 = (topology.CLIENT6, 4242)
@@ -543,21 +544,25 @@ def _after_handshake(segments: list[tuple[int, bytes, bytes, int]]) -> tuple[str
     port = next(_port)
     listener = Listener(topology.RS4["rs1"], port)
     raw = RawTcp(topology.LB_SERVER4, topology.RS4["rs1"], port)
+    # lb's stack knows no socket for the raw flow: its RSTs to rs1's ACKs of
+    # the data would reset the connection
     try:
-        raw.handshake(b"")
-        conn, _ = listener.accept()
-        for seg in segments:
-            raw.later(*seg)
-        with conn:
-            # every segment has been processed once its payload can be read
-            want = sum(len(p) for _, _, p, _ in segments)
-            got = b""
-            conn.settimeout(10)
-            while len(got) < want:
-                chunk = conn.recv(4096)
-                assert chunk, "connection closed early"
-                got += chunk
-            return conn.getpeername()
+        with nft("lb", f"ip daddr {topology.RS4['rs1']} tcp sport {raw.sport} "
+                 "tcp flags rst drop", hook="output"):
+            raw.handshake(b"")
+            conn, _ = listener.accept()
+            for seg in segments:
+                raw.later(*seg)
+            with conn:
+                # every segment has been processed once its payload can be read
+                want = sum(len(p) for _, _, p, _ in segments)
+                got = b""
+                conn.settimeout(10)
+                while len(got) < want:
+                    chunk = conn.recv(4096)
+                    assert chunk, "connection closed early"
+                    got += chunk
+                return conn.getpeername()
     finally:
         raw.close()
         listener.close()

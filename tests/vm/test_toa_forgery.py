@@ -107,7 +107,8 @@ class Client:
         try:
             self.send(SYN, opts)
             assert wait_for(lambda: _synack_seq(cap.frames, self.port, self.sport)
-                            is not None, 10), f"no SYN/ACK for port {self.sport}"
+                            is not None, 10), \
+                f"no SYN/ACK for {self.sport} -> {self.port} (SYN options {opts.hex()})"
             seq = _synack_seq(cap.frames, self.port, self.sport)
             assert seq is not None
             self.server_isn = seq
@@ -142,19 +143,27 @@ class Server:
         self.sock.close()
 
 
-def _opt_noise(rng: random.Random, room: int) -> bytes:
-    """Random options that change nothing for the handshake (NOPs, unknown kinds,
-    an end-of-list), at most room bytes. No timestamps: the SYN proxy's cookie
-    checks those."""
-    out = b""
-    while len(out) < room and rng.random() < 0.6:
-        kind = rng.choice(["nop", "unknown", "unknown", "eol"])
+def _opt_pieces(rng: random.Random, room: int, eol: bool = False) -> list[bytes]:
+    """Random whole options that change nothing for the handshake (NOPs, unknown
+    kinds, an end-of-list if ``eol``), at most room bytes together. No
+    timestamps: the SYN proxy's cookie checks those; and the handshake's
+    option lists stay well formed, or the SYN proxy rightly refuses the
+    segment (a broken list is test_synproxy_fuzz's subject)."""
+    out: list[bytes] = []
+    kinds = ["nop", "unknown", "unknown"] + (["eol"] if eol else [])
+    while rng.random() < 0.6:
+        kind = rng.choice(kinds)
         piece = {"nop": b"\x01",
                  "unknown": bytes([rng.choice([30, 76, 99, 200]), 4]) + os.urandom(2),
                  "eol": b"\x00"}[kind]
-        if len(out) + len(piece) <= room:
-            out += piece
+        if sum(map(len, out)) + len(piece) > room:
+            break
+        out.append(piece)
     return out
+
+
+def _opt_noise(rng: random.Random, room: int) -> bytes:
+    return b"".join(_opt_pieces(rng, room))
 
 
 @dataclass
@@ -172,10 +181,10 @@ def _plan(rng: random.Random, family: str) -> Plan:
     forged = toa_option(*FORGED[family])
     toalen = 8 if family == "ipv4" else 20
 
-    def with_forged(room: int) -> bytes:
-        noise = _opt_noise(rng, room - len(forged))
-        cut = rng.randint(0, len(noise))
-        return noise[:cut] + forged + noise[cut:]
+    def with_forged(room: int, eol: bool = False) -> bytes:
+        pieces = _opt_pieces(rng, room - len(forged), eol)
+        pieces.insert(rng.randint(0, len(pieces)), forged)
+        return b"".join(pieces)
 
     syn = b"\x02\x04\x05\x78" + (with_forged(36) if rng.random() < 0.5 else b"")
     shape = rng.choice(["forged", "full", "full-forged", "plain", "noise"])
@@ -189,7 +198,7 @@ def _plan(rng: random.Random, family: str) -> Plan:
     offset = 0
     for _ in range(rng.randint(1, 4)):
         kind = rng.choice(["pure", "data", "data", "ooo"])
-        opts = with_forged(rng.choice([40, 40 - toalen, len(forged)])) \
+        opts = with_forged(rng.choice([40, 40 - toalen, len(forged)]), eol=True) \
             if rng.random() < 0.7 else rng.choice([b"", b"\x01" * 40])
         if kind == "pure":
             later.append((ACK, opts, b"", 0))
