@@ -165,8 +165,13 @@ def transfer(vip: str, port: int, direction: str, n: int = XFER, check: bool = T
         try:
             return _transfer_on(conn, direction, n, check)
         except TimeoutError as exc:
-            raise TimeoutError(f"{direction} from port {conn.getsockname()[1]} stalled") \
-                from exc
+            lport = conn.getsockname()[1]
+            stalled = TimeoutError(f"{direction} from port {lport} stalled")
+            # The stalled socket's own view (window, cwnd, retransmits,
+            # backoff), taken before it closes.
+            ss = netns.run(ns, ["ss", "-tinoe", f"sport = :{lport}"], check=False)
+            stalled.add_note(f"{ns} socket: {ss.stdout.strip()}")
+            raise stalled from exc
 
 
 def _transfer_on(conn: socket.socket, direction: str, n: int, check: bool) -> float:

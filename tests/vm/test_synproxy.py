@@ -315,8 +315,20 @@ def test_syn_ack_options_follow_the_sysctls(ipvs: IPVS, family: str) -> None:  #
 # ---- real transfers -----------------------------------------------------------------------
 
 def transfer(net: Net, port: int, direction: str, n: int = XFER, check: bool = True) -> float:
-    """One transfer through the VIP of ``net`` (:func:`xfer.transfer`); its rate in MB/s."""
-    return xfer.transfer(net.vip, port, direction, n, check)
+    """One transfer through the VIP of ``net`` (:func:`xfer.transfer`); its rate in MB/s.
+
+    A transfer that fails carries what lb and the client knew at that moment
+    (counters that moved, IPVS connections; a stall adds the client socket's view): CI keeps
+    only the report, and a one-in-a-hundred stall cannot be rerun to look."""
+    before = ext_stats_file()
+    try:
+        return xfer.transfer(net.vip, port, direction, n, check)
+    except OSError as exc:
+        after = ext_stats_file()
+        moved = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+        exc.add_note(f"lb counters moved: {moved}")
+        exc.add_note("lb: " + netns.run("lb", ["ipvsadm", "-Lnc"], check=False).stdout)
+        raise
 
 
 @pytest.fixture(scope="module")
