@@ -43,6 +43,7 @@ from tests.vm.test_synproxy import (
     SYN,
     _seg,
     _synacks,
+    ns_sysctls,
     synproxy_service,
     transfer,
 )
@@ -309,6 +310,50 @@ def test_a_new_handshake_replaces_a_closing_connection(
         assert reuse_deltas(before) == {}
         assert holder.accepted() == 1
         assert conn_states(sport) == [state]
+
+
+@pytest.mark.parametrize("state", INTO_STATE)
+def test_a_new_handshake_from_inside_the_old_sequence_space_replaces_it(
+        ipvs: IPVS, holder: Holder, state: str) -> None:  # noqa: F811
+    """A client whose old connection sent faster than its ISN clock moves
+    (Linux: one per 64 ns) reconnects from an ISN just behind the old
+    connection's highest sequence number. Its ACK answers the SYN lb saw on
+    the closing connection, so it is a new handshake all the same (seen in
+    CI as a transfer that stalled for good on a reused client port)."""
+    synproxy_service(ipvs, NET4, FwdMethod.FULLNAT, port=holder.port, servers=("rs1",))
+    sport = 46400 + list(INTO_STATE).index(state)
+    with nft("client", f"tcp sport {sport} tcp flags rst drop", hook="output"):
+        peer = RawPeer(sport, holder.port)
+        try:
+            peer.handshake(isn=0x3000_0000 + sport)
+            assert wait_for(lambda: conn_states(sport) == ["ESTABLISHED"]
+                            and holder.accepted() == 1, 20), conn_states(sport)
+            INTO_STATE[state](peer, holder)
+            assert wait_for(lambda: conn_states(sport) == [state], 20), conn_states(sport)
+            before = ext_stats_file()
+            peer.handshake(isn=peer.seq - 0x8000)   # 32 KiB behind: inside the old window
+        finally:
+            peer.close()
+        assert wait_for(lambda: holder.accepted() == 2, 20), \
+            f"the new handshake never reached the real server: {reuse_deltas(before)}"
+    assert reuse_deltas(before) == {f"synproxy_reuse_{state.lower()}": 1}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_client_that_switched_timestamps_off_reconnects_from_the_same_port(
+        ipvs: IPVS, real_servers: dict, method: str) -> None:  # noqa: F811
+    """The old connection used timestamps, the new one from the same port
+    does not (seen in CI: the transfer tests switch the client's timestamps
+    between cases and its ports come round again): still session reuse."""
+    synproxy_service(ipvs, NET4, METHODS[method])
+    sport = 47010 + (method == "fullnat")
+    assert http(sport=sport, timeout=20).startswith(b"HTTP/1.")
+    assert wait_for(lambda: conn_states(sport) == ["TIME_WAIT"], 20), conn_states(sport)
+    before = ext_stats_file()
+    with ns_sysctls(("client",), tcp_timestamps="0"):
+        reply = http(sport=sport, timeout=10)
+    assert reply.startswith(b"HTTP/1."), f"not served: {reply[:80]!r} {reuse_deltas(before)}"
+    assert reuse_deltas(before) == {"synproxy_reuse_time_wait": 1}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
