@@ -24,7 +24,7 @@ venv: $(VENV)/.installed
 # Debian packages (QEMU, the 6.1 kernel image/headers/source, busybox, ipvsadm,
 # tcpdump, cpio, chromium ...): installed with apt only when missing.
 deps: venv
-	$(PY) -m ipvs_synproxy.deps
+	$(PY) -m ipvs_synproxy_testbed.deps
 
 kmod: deps
 	$(SP) kmod build
@@ -51,7 +51,7 @@ vm-test: deps
 	rm -f $(RESULTS)/vm.xml
 	$(SP) vm exec --topology --timeout $(VM_TIMEOUT) -- \
 		python -m pytest -q -p no:cacheprovider tests/vm --junitxml=$(abspath $(RESULTS))/vm.xml
-	$(PY) -m ipvs_synproxy.testbed.junit $(RESULTS)/vm.xml
+	$(PY) -m ipvs_synproxy_testbed.junit $(RESULTS)/vm.xml
 
 test: check unit testbed-test vm-test
 
@@ -64,7 +64,7 @@ DEMO_TIMEOUT ?= 86400
 demo: deps
 	$(SP) kmod build-toa
 	$(SP) vm exec --topology --forward $(DEMO_PORT) --timeout $(DEMO_TIMEOUT) -- \
-		python -m ipvs_synproxy.testbed.demo --console-port $(DEMO_PORT) \
+		python -m ipvs_synproxy_testbed.demo --console-port $(DEMO_PORT) \
 		$(if $(DEMO_HOLD),--hold $(DEMO_HOLD))
 
 # Benchmarks (bench/README.md): every contender measured in one guest boot, then

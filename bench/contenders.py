@@ -14,10 +14,10 @@ import subprocess
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 
-from ipvs_synproxy.model import Dest, FwdMethod, Service
-from ipvs_synproxy.netlink import IPVS
-from ipvs_synproxy.testbed import netns, topology
-from ipvs_synproxy.testbed.flood import SPOOF_NET4
+from ipvs_synproxy.kernel.model import Dest, FwdMethod, Service
+from ipvs_synproxy.kernel.netlink import IPVS
+from ipvs_synproxy_testbed import netns, topology
+from ipvs_synproxy_testbed.flood import SPOOF_NET4
 
 CONN_PORT = 80     # short connections (ConnServer) and the flood's target
 XFER_PORT = 8080   # bulk transfers (BlobServer)

@@ -34,9 +34,9 @@ from bench.contenders import (
     add_drop,
     del_drop,
 )
-from ipvs_synproxy.testbed import netns, topology
-from ipvs_synproxy.testbed.flood import Flood
-from ipvs_synproxy.testbed.transfer import MB, ConnTiming, connect_once, transfer
+from ipvs_synproxy_testbed import netns, topology
+from ipvs_synproxy_testbed.flood import Flood
+from ipvs_synproxy_testbed.transfer import MB, ConnTiming, connect_once, transfer
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # vCPU placement (bench.run pins itself, and so the servers' process, to LEGIT_CPU):

@@ -28,10 +28,10 @@ from typing import Any
 
 from bench import measure
 from bench.contenders import delete_nft_table, run_nft
-from ipvs_synproxy.model import Dest, FwdMethod, Service
-from ipvs_synproxy.netlink import IPVS
-from ipvs_synproxy.testbed import netns, topology
-from ipvs_synproxy.testbed.flood import Flood
+from ipvs_synproxy.kernel.model import Dest, FwdMethod, Service
+from ipvs_synproxy.kernel.netlink import IPVS
+from ipvs_synproxy_testbed import netns, topology
+from ipvs_synproxy_testbed.flood import Flood
 
 FULL_PORT, FREE_PORT = 82, 83   # VIP ports, and rs1's ports behind them
 RS = "rs1"

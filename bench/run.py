@@ -46,9 +46,9 @@ from bench.contenders import (
     load_ipvs,
     unload_ipvs,
 )
-from ipvs_synproxy.testbed import topology
-from ipvs_synproxy.testbed.transfer import ServerProcess
-from ipvs_synproxy.testbed.vm import stop_requested
+from ipvs_synproxy_testbed import topology
+from ipvs_synproxy_testbed.transfer import ServerProcess
+from ipvs_synproxy_testbed.vm import stop_requested
 
 # The contenders of each module set (their order alternates by round).
 BLOCKS = (("patched", (CONTROL, *OURS)), ("stock", (NF, STOCK)))

@@ -10,7 +10,7 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from ipvs_synproxy import stats
+from ipvs_synproxy.kernel import stats
 from webui import api, auth, metrics, pages
 from webui.actions import audit_refusal
 from webui.audit import AuditLog

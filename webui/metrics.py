@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from ipvs_synproxy.model import Dest, Service
+from ipvs_synproxy.kernel.model import Dest, Service
 from webui.service import ConsoleError, ConsoleService
 
 bp = Blueprint("metrics", __name__)

@@ -2,7 +2,7 @@
 the kernel, through :mod:`ipvs_synproxy` only (never netlink messages here).
 
 :class:`ConsoleService` takes a ``connect`` callable that returns an IPVS
-control connection (:class:`ipvs_synproxy.netlink.IPVS` in production, a stand-in
+control connection (:class:`ipvs_synproxy.kernel.netlink.IPVS` in production, a stand-in
 in tests) and a sysctl reader. A connection is opened per call: ``IPVS`` is not
 thread-safe and the WSGI server runs requests on several threads.
 
@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
-from ipvs_synproxy import netlink
-from ipvs_synproxy import sysctl as sysctl_mod
-from ipvs_synproxy.model import (
+from ipvs_synproxy.kernel import netlink
+from ipvs_synproxy.kernel import sysctl as sysctl_mod
+from ipvs_synproxy.kernel.model import (
     Dest,
     Family,
     FwdMethod,
@@ -217,7 +217,7 @@ def parse_proc_stats(text: str) -> dict[str, int]:
 def read_proc_stats(netns: str | None) -> dict[str, int] | None:
     ctx: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if netns is not None:
-        from ipvs_synproxy.netns import netns as enter_netns
+        from ipvs_synproxy.kernel.netns import netns as enter_netns
 
         ctx = enter_netns(netns)
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from ipvs_synproxy.model import IPAddress
+from ipvs_synproxy.kernel.model import IPAddress
 
 _DIGITS = re.compile(r"[0-9]{1,12}", re.ASCII)  # no "²", "٣" or "1_000": int() takes those
 _SIGNED = re.compile(r"-?[0-9]{1,12}", re.ASCII)

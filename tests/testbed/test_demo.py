@@ -23,8 +23,8 @@ import time
 import urllib.parse
 import urllib.request
 
-from ipvs_synproxy import paths
-from ipvs_synproxy.testbed import demo as demo_mod
+from ipvs_synproxy.build import paths
+from ipvs_synproxy_testbed import demo as demo_mod
 
 HOLD = 40
 LOGIN = re.compile(r"login: user (\S+), password (\S+)")
@@ -44,7 +44,7 @@ class Demo:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ipvs_synproxy.cli", "vm", "exec", "--topology",
              "--forward", str(port), "--timeout", "600", "--",
-             "python", "-m", "ipvs_synproxy.testbed.demo", "--console-port", str(port),
+             "python", "-m", "ipvs_synproxy_testbed.demo", "--console-port", str(port),
              "--hold", str(HOLD)],
             cwd=paths.project_root(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True)

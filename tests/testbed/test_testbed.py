@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ipvs_synproxy import kmod, paths
+from ipvs_synproxy.build import kmod, paths
 
 HERE = Path(__file__).parent
 

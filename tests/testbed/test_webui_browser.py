@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 from werkzeug.security import generate_password_hash
 
-from ipvs_synproxy import deps, paths
+from ipvs_synproxy.build import apt, paths
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -45,7 +45,7 @@ SHOTS = paths.build_dir() / "test-results" / "screenshots"
 def _browser_installed() -> None:
     """Debian's Chromium and its driver, installed on first use (never downloaded
     by a tool of their own)."""
-    deps.ensure_debs(["chromium", "chromium-driver"])
+    apt.ensure_debs(["chromium", "chromium-driver"])
 
 
 def _free_port() -> int:

@@ -3,7 +3,7 @@
 Run in the guest (``vm exec --topology --forward PORT -- python -m
 tests.testbed.webui_guest CONFIG STOPFILE PORT``): it configures the forwarded
 NIC with QEMU user networking's fixed guest address, sets up IPVS services in
-``lb`` through ``ipvs_synproxy.netlink``, starts HTTP servers in rs1/rs2 and a
+``lb`` through ``ipvs_synproxy.kernel.netlink``, starts HTTP servers in rs1/rs2 and a
 trickle of client requests, serves the console on 0.0.0.0:PORT of the guest
 (the only way in is the host's 127.0.0.1:PORT forward), prints
 ``ipvs-synproxy adm -L -n`` of ``lb`` between ``--- adm before`` markers, then
@@ -23,10 +23,10 @@ import threading
 import time
 import urllib.request
 
-from ipvs_synproxy.model import Dest, FwdMethod, Service
-from ipvs_synproxy.netlink import IPVS, IPVS_CMD_NEW_LADDR
-from ipvs_synproxy.testbed import netns, peers, topology
-from ipvs_synproxy.testbed.guestnic import nic_up
+from ipvs_synproxy.kernel.model import Dest, FwdMethod, Service
+from ipvs_synproxy.kernel.netlink import IPVS, IPVS_CMD_NEW_LADDR
+from ipvs_synproxy_testbed import netns, peers, topology
+from ipvs_synproxy_testbed.guestnic import nic_up
 
 IP = ipaddress.ip_address
 

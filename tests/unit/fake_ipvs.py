@@ -1,4 +1,4 @@
-"""An in-memory stand-in for :class:`ipvs_synproxy.netlink.IPVS` and the sysctls,
+"""An in-memory stand-in for :class:`ipvs_synproxy.kernel.netlink.IPVS` and the sysctls,
 strict like the kernel (adding what exists or removing what does not fails),
 with a switch to make one chosen operation fail."""
 
@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ipvs_synproxy import netlink
-from ipvs_synproxy import sysctl as sysctl_mod
-from ipvs_synproxy.config import ServiceState, State
-from ipvs_synproxy.model import Dest, IPAddress, Laddr, Service
+from ipvs_synproxy.config.state import ServiceState, State
+from ipvs_synproxy.kernel import netlink
+from ipvs_synproxy.kernel import sysctl as sysctl_mod
+from ipvs_synproxy.kernel.model import Dest, IPAddress, Laddr, Service
 
 
 @dataclass

@@ -16,8 +16,11 @@ from typing import Any
 
 import pytest
 
-from ipvs_synproxy import adm, netlink
-from ipvs_synproxy.model import (
+from ipvs_synproxy.adm import cmdline, listing
+from ipvs_synproxy.adm import command as adm_command
+from ipvs_synproxy.adm import execute as adm
+from ipvs_synproxy.kernel import netlink
+from ipvs_synproxy.kernel.model import (
     Dest,
     Family,
     FwdMethod,
@@ -39,7 +42,7 @@ V4, V6 = IP("198.51.100.10"), IP("2001:db8:1::10")
 R1, R2 = IP("192.0.2.11"), IP("192.0.2.12")
 R61, R62 = IP("2001:db8:2::11"), IP("2001:db8:2::12")
 INFO = Info(version="1.2.1", conn_tab_size=4096)
-N = adm.Format(numeric=True)
+N = adm_command.Format(numeric=True)
 
 
 def _svc(addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None, port: int = 0,
@@ -92,38 +95,39 @@ def real(name: str) -> str:
     ("list", N),
     ("list_combined", N),
     ("sort", N),
-    ("stats", adm.Format(numeric=True, stats=True)),
-    ("stats_exact", adm.Format(numeric=True, stats=True, exact=True)),
-    ("rate", adm.Format(numeric=True, rate=True)),
-    ("rate_exact", adm.Format(numeric=True, rate=True, exact=True)),
-    ("thresholds", adm.Format(numeric=True, thresholds=True)),
-    ("persistent_conn", adm.Format(numeric=True, persistent_conn=True)),
-    ("tun_info", adm.Format(numeric=True, tun_info=True)),
-    ("nosort", adm.Format(numeric=True, nosort=True)),
+    ("stats", adm_command.Format(numeric=True, stats=True)),
+    ("stats_exact", adm_command.Format(numeric=True, stats=True, exact=True)),
+    ("rate", adm_command.Format(numeric=True, rate=True)),
+    ("rate_exact", adm_command.Format(numeric=True, rate=True, exact=True)),
+    ("thresholds", adm_command.Format(numeric=True, thresholds=True)),
+    ("persistent_conn", adm_command.Format(numeric=True, persistent_conn=True)),
+    ("tun_info", adm_command.Format(numeric=True, tun_info=True)),
+    ("nosort", adm_command.Format(numeric=True, nosort=True)),
 ])
-def test_table_listing_is_ipvsadms_byte_for_byte(capture: str, fmt: adm.Format) -> None:
-    assert adm.format_table(INFO, entries(), fmt) == real(capture)
+def test_table_listing_is_ipvsadms_byte_for_byte(capture: str, fmt: adm_command.Format) -> None:
+    assert listing.format_table(INFO, entries(), fmt) == real(capture)
 
 
 def test_save_is_ipvsadms_byte_for_byte() -> None:
-    fmt = adm.Format(numeric=True, rule=True)
-    assert adm.format_table(None, entries(), fmt) == real("save")
+    fmt = adm_command.Format(numeric=True, rule=True)
+    assert listing.format_table(None, entries(), fmt) == real("save")
 
 
 def test_port_names_without_numeric(monkeypatch: pytest.MonkeyPatch) -> None:
     # hosts are looked up too, but the testbed's addresses have no names anywhere
-    monkeypatch.setattr(adm, "_resolve_addr", adm._ntop)
-    assert adm.format_table(INFO, entries(), adm.Format()) == real("list_names")
-    assert adm.format_table(None, entries(), adm.Format(rule=True)) == real("save_names")
+    monkeypatch.setattr(listing, "_resolve_addr", listing.ntop)
+    assert listing.format_table(INFO, entries(), adm_command.Format()) == real("list_names")
+    saved = listing.format_table(None, entries(), adm_command.Format(rule=True))
+    assert saved == real("save_names")
 
 
 def test_single_service_listing_has_no_version_line() -> None:
     svc, dests = TABLE[2]
-    assert adm.format_title(N) + adm.format_service(svc, dests, N) == real("list_one")
+    assert listing.format_title(N) + listing.format_service(svc, dests, N) == real("list_one")
     svc6, dests6 = TABLE[7]
-    assert adm.format_title(N) + adm.format_service(svc6, dests6, N) == real("list_one6")
-    stats = adm.Format(numeric=True, stats=True)
-    assert adm.format_title(stats) + adm.format_service(svc, dests, stats) == \
+    assert listing.format_title(N) + listing.format_service(svc6, dests6, N) == real("list_one6")
+    stats = adm_command.Format(numeric=True, stats=True)
+    assert listing.format_title(stats) + listing.format_service(svc, dests, stats) == \
         real("list_one_stats")
 
 
@@ -148,25 +152,25 @@ TRAFFIC = [
 
 @pytest.mark.parametrize(("capture", "fmt"), [
     ("tr_list", N),
-    ("tr_stats", adm.Format(numeric=True, stats=True)),
-    ("tr_stats_exact", adm.Format(numeric=True, stats=True, exact=True)),
-    ("tr_rate", adm.Format(numeric=True, rate=True)),
-    ("tr_rate_exact", adm.Format(numeric=True, rate=True, exact=True)),
-    ("tr_thr", adm.Format(numeric=True, thresholds=True)),
-    ("tr_pc", adm.Format(numeric=True, persistent_conn=True)),
+    ("tr_stats", adm_command.Format(numeric=True, stats=True)),
+    ("tr_stats_exact", adm_command.Format(numeric=True, stats=True, exact=True)),
+    ("tr_rate", adm_command.Format(numeric=True, rate=True)),
+    ("tr_rate_exact", adm_command.Format(numeric=True, rate=True, exact=True)),
+    ("tr_thr", adm_command.Format(numeric=True, thresholds=True)),
+    ("tr_pc", adm_command.Format(numeric=True, persistent_conn=True)),
 ])
-def test_listings_with_counters_from_real_traffic(capture: str, fmt: adm.Format) -> None:
-    assert adm.format_table(INFO, entries(TRAFFIC), fmt) == real(capture)
+def test_listings_with_counters_from_real_traffic(capture: str, fmt: adm_command.Format) -> None:
+    assert listing.format_table(INFO, entries(TRAFFIC), fmt) == real(capture)
 
 
 def test_connection_listing_from_the_proc_file() -> None:
     proc = real("proc_conn")
-    assert adm.format_connections(proc, N) == real("tr_conn").replace("01:58", "01:54") \
+    assert listing.format_connections(proc, N) == real("tr_conn").replace("01:58", "01:54") \
         .replace("00:28", "00:24")
-    pc = adm.Format(numeric=True, persistent_conn=True)
-    assert adm.format_connections(proc, pc) == real("tr_conn_pc").replace("01:57", "01:54") \
+    pc = adm_command.Format(numeric=True, persistent_conn=True)
+    assert listing.format_connections(proc, pc) == real("tr_conn_pc").replace("01:57", "01:54") \
         .replace("00:27", "00:24")
-    assert adm.format_connections(proc.splitlines()[0] + "\n", N) == real("conn_empty")
+    assert listing.format_connections(proc.splitlines()[0] + "\n", N) == real("conn_empty")
 
 
 def test_connection_listing_shows_the_persistence_engine_columns() -> None:
@@ -174,14 +178,14 @@ def test_connection_listing_shows_the_persistence_engine_columns() -> None:
     # "%-3s %-6s %-11s %-18s %-18s %-16s %-18s %s"
     proc = ("Pro FromIP   FPrt ToIP     TPrt DestIP   DPrt State       Expires PEName PEData\n"
             "UDP C6336402 13C4 C633640A 13C4 C000020B 13C4 UDP            179 sip abc@x\n")
-    out = adm.format_connections(proc, adm.Format(numeric=True, persistent_conn=True))
+    out = listing.format_connections(proc, adm_command.Format(numeric=True, persistent_conn=True))
     assert out.splitlines()[2] == ("UDP 02:59  UDP         198.51.100.2:5060  "
                                    "198.51.100.10:5060 192.0.2.11:5060  sip                "
                                    "abc@x")
 
 
 def test_timeouts_line() -> None:
-    assert adm.format_timeouts(Timeouts(900, 120, 300)) == real("timeout")
+    assert listing.format_timeouts(Timeouts(900, 120, 300)) == real("timeout")
 
 
 @pytest.mark.parametrize(("value", "exact", "text"), [
@@ -196,12 +200,12 @@ def test_large_numbers_are_abbreviated_unless_exact(value: int, exact: bool,
                                                     text: str) -> None:
     # print_largenum(): "%9llu" below 10^8, then "%8llu" + K/M/G/T; --exact: one
     # leading blank and at least 9 columns
-    assert adm.format_largenum(value, exact) == text
+    assert listing.format_largenum(value, exact) == text
 
 
 def test_sorting_orders_by_fwmark_family_protocol_address_port() -> None:
     shuffled = [s for s, _ in reversed(TABLE)]
-    got = [str(s) for s in adm.sort_services(shuffled)]
+    got = [str(s) for s in listing.sort_services(shuffled)]
     assert got == [
         "198.51.100.10:0/tcp", "198.51.100.10:80/tcp", "198.51.100.10:443/tcp",
         "198.51.100.10:8080/tcp", "198.51.100.10:53/udp", "198.51.100.10:5060/udp",
@@ -218,15 +222,15 @@ FNAT_LADDRS = [Laddr(addr=IP("192.0.2.100")), Laddr(addr=IP("192.0.2.101"))]
 
 
 def test_extensions_in_the_listing() -> None:
-    out = adm.format_table(INFO, [(FNAT, FNAT_DESTS, [])], N)
+    out = listing.format_table(INFO, [(FNAT, FNAT_DESTS, [])], N)
     assert out.splitlines()[3:] == [
         "TCP  198.51.100.10:80 rr synproxy",
         "  -> 192.0.2.11:80                FullNat 2      0          0         "]
 
 
 def test_extensions_in_the_save_format() -> None:
-    out = adm.format_table(None, [(FNAT, FNAT_DESTS, FNAT_LADDRS)],
-                           adm.Format(numeric=True, rule=True))
+    out = listing.format_table(None, [(FNAT, FNAT_DESTS, FNAT_LADDRS)],
+                           adm_command.Format(numeric=True, rule=True))
     assert out == ("-A -t 198.51.100.10:80 -s rr --synproxy\n"
                    "-a -t 198.51.100.10:80 -r 192.0.2.11:80 --fullnat -w 2\n"
                    "--laddr-add 192.0.2.100 -t 198.51.100.10:80\n"
@@ -234,11 +238,11 @@ def test_extensions_in_the_save_format() -> None:
 
 
 def test_save_lines_parse_back_to_the_same_values() -> None:
-    fmt = adm.Format(numeric=True, rule=True)
-    text = adm.format_table(None, [*entries(), (FNAT, FNAT_DESTS, FNAT_LADDRS)], fmt)
+    fmt = adm_command.Format(numeric=True, rule=True)
+    text = listing.format_table(None, [*entries(), (FNAT, FNAT_DESTS, FNAT_LADDRS)], fmt)
     services, dests, laddrs = [], [], []
     for line in text.splitlines():
-        cmd = adm.parse(line.split())
+        cmd = cmdline.parse(line.split())
         if cmd.command == "add-service":
             services.append(cmd.service)
         elif cmd.command == "add-server":
@@ -258,7 +262,7 @@ def test_save_lines_parse_back_to_the_same_values() -> None:
 
 def test_laddr_listing() -> None:
     laddrs = [Laddr(addr=IP("192.0.2.100"), port_conflict=3, conn_counts=7)]
-    out = adm.format_laddrs([(FNAT, laddrs)], N)
+    out = listing.format_laddrs([(FNAT, laddrs)], N)
     assert out == (
         "Prot LocalAddress:Port            Laddrs\n"
         "  -> LocalAddress                 Conflicts  Conns     \n"
@@ -270,25 +274,25 @@ def test_laddr_listing() -> None:
 
 
 def test_service_and_real_server_options_become_model_values() -> None:
-    cmd = adm.parse(["-A", "-t", "198.51.100.10:443", "-s", "sh", "-b", "sh-port,sh-fallback",
+    cmd = cmdline.parse(["-A", "-t", "198.51.100.10:443", "-s", "sh", "-b", "sh-port,sh-fallback",
                      "-p", "600", "-M", "255.255.255.0"])
     assert cmd.command == "add-service"
     assert cmd.service == Service(addr=V4, port=443, scheduler="sh", flags=0x18,
                                   persistent=600, netmask=24)
-    cmd = adm.parse(["-a", "-t", "[2001:db8:1::10]:80", "-r", "[2001:db8:2::12]:8080", "-m",
+    cmd = cmdline.parse(["-a", "-t", "[2001:db8:1::10]:80", "-r", "[2001:db8:2::12]:8080", "-m",
                      "-w", "5", "-x", "7", "-y", "2"])
     assert cmd.dest == Dest(addr=R62, port=8080, fwd=MASQ, weight=5, u_thresh=7, l_thresh=2)
     assert cmd.service is not None and cmd.service.af == Family.INET6
 
 
 def test_defaults_are_ipvsadms() -> None:
-    svc = adm.parse(["-A", "-t", "198.51.100.10:0", "-p"]).service
+    svc = cmdline.parse(["-A", "-t", "198.51.100.10:0", "-p"]).service
     assert svc is not None and (svc.scheduler, svc.persistent) == ("wlc", 360)
     # -g and weight 1 by default; DR and tunnel real servers take the service port
-    dest = adm.parse(["-a", "-t", "198.51.100.10:80", "-r", "192.0.2.11:8080"]).dest
+    dest = cmdline.parse(["-a", "-t", "198.51.100.10:80", "-r", "192.0.2.11:8080"]).dest
     assert dest == Dest(addr=R1, port=80, fwd=ROUTE, weight=1)
     # a masquerading real server without a port takes the service's
-    dest = adm.parse(["-a", "-t", "198.51.100.10:80", "-r", "192.0.2.11", "-m"]).dest
+    dest = cmdline.parse(["-a", "-t", "198.51.100.10:80", "-r", "192.0.2.11", "-m"]).dest
     assert dest is not None and dest.port == 80
 
 
@@ -296,60 +300,60 @@ def test_defaults_are_ipvsadms() -> None:
     ["-Ln"], ["-l", "-n"], ["--list", "--numeric"], ["-L", "-n", "--sort"],
 ])
 def test_list_spellings(argv: list[str]) -> None:
-    cmd = adm.parse(argv)
+    cmd = cmdline.parse(argv)
     assert (cmd.command, cmd.fmt) == ("list", N)
 
 
 def test_clustered_and_attached_arguments() -> None:
-    a = adm.parse(["-At198.51.100.10:80", "-srr", "-p600"]).service
-    b = adm.parse(["--add-service", "--tcp-service=198.51.100.10:80", "--scheduler", "rr",
+    a = cmdline.parse(["-At198.51.100.10:80", "-srr", "-p600"]).service
+    b = cmdline.parse(["--add-service", "--tcp-service=198.51.100.10:80", "--scheduler", "rr",
                    "--persistent=600"]).service
     assert a == b == Service(addr=V4, port=80, scheduler="rr", persistent=600)
 
 
 def test_fwmark_ipv6_udp_sctp_and_ops() -> None:
-    svc = adm.parse(["-A", "-f", "10", "-6", "-s", "mh", "-b", "mh-port"]).service
+    svc = cmdline.parse(["-A", "-f", "10", "-6", "-s", "mh", "-b", "mh-port"]).service
     assert svc == Service(fwmark=10, fwmark_af=Family.INET6, scheduler="mh", flags=0x10)
-    svc = adm.parse(["-A", "-u", "198.51.100.10:53", "-o"]).service
+    svc = cmdline.parse(["-A", "-u", "198.51.100.10:53", "-o"]).service
     assert svc == Service(protocol=Protocol.UDP, addr=V4, port=53, flags=0x4)
-    svc = adm.parse(["-A", "--sctp-service", "198.51.100.10:3868", "-s", "nq"]).service
+    svc = cmdline.parse(["-A", "--sctp-service", "198.51.100.10:3868", "-s", "nq"]).service
     assert svc == Service(protocol=Protocol.SCTP, addr=V4, port=3868, scheduler="nq")
 
 
 def test_tunnel_options() -> None:
-    dest = adm.parse(["-a", "-t", "198.51.100.10:8080", "-r", "192.0.2.11", "-i",
+    dest = cmdline.parse(["-a", "-t", "198.51.100.10:8080", "-r", "192.0.2.11", "-i",
                       "--tun-type", "gue", "--tun-port", "6080", "--tun-csum"]).dest
     assert dest == Dest(addr=R1, port=8080, fwd=TUN, tun_type=TunnelType.GUE,
                         tun_port=6080, tun_flags=1)
 
 
 def test_set_zero_flush_and_list_variants() -> None:
-    assert adm.parse(["--set", "901", "61", "0"]).timeouts == Timeouts(901, 61, 0)
-    assert adm.parse(["-Z"]).service is None
-    assert adm.parse(["-Z", "-t", "198.51.100.10:80"]).service == Service(addr=V4, port=80)
-    assert adm.parse(["-C"]).command == "flush"
-    assert adm.parse([]).command == "list"
-    cmd = adm.parse(["-L", "-c", "-n", "--persistent-conn"])
+    assert cmdline.parse(["--set", "901", "61", "0"]).timeouts == Timeouts(901, 61, 0)
+    assert cmdline.parse(["-Z"]).service is None
+    assert cmdline.parse(["-Z", "-t", "198.51.100.10:80"]).service == Service(addr=V4, port=80)
+    assert cmdline.parse(["-C"]).command == "flush"
+    assert cmdline.parse([]).command == "list"
+    cmd = cmdline.parse(["-L", "-c", "-n", "--persistent-conn"])
     assert "connection" in cmd.options and cmd.fmt.persistent_conn
-    assert "timeout" in adm.parse(["-L", "--timeout"]).options
-    assert adm.parse(["-S", "-n"]).command == "save"
-    assert adm.parse(["-R"]).command == "restore"
+    assert "timeout" in cmdline.parse(["-L", "--timeout"]).options
+    assert cmdline.parse(["-S", "-n"]).command == "save"
+    assert cmdline.parse(["-R"]).command == "restore"
 
 
 def test_extension_options() -> None:
-    dest = adm.parse(["-a", "-t", "198.51.100.10:80", "-r", "192.0.2.11:80",
+    dest = cmdline.parse(["-a", "-t", "198.51.100.10:80", "-r", "192.0.2.11:80",
                       "--fullnat"]).dest
     assert dest is not None and dest.fwd is FwdMethod.FULLNAT
-    svc = adm.parse(["-A", "-t", "198.51.100.10:80", "--synproxy"]).service
+    svc = cmdline.parse(["-A", "-t", "198.51.100.10:80", "--synproxy"]).service
     assert svc is not None and svc.synproxy
-    svc = adm.parse(["-E", "-t", "198.51.100.10:80", "--no-synproxy"]).service
+    svc = cmdline.parse(["-E", "-t", "198.51.100.10:80", "--no-synproxy"]).service
     assert svc is not None and not svc.synproxy
-    cmd = adm.parse(["--laddr-add", "192.0.2.100", "-t", "198.51.100.10:80"])
+    cmd = cmdline.parse(["--laddr-add", "192.0.2.100", "-t", "198.51.100.10:80"])
     assert (cmd.command, cmd.laddr, cmd.service) == (
         "laddr-add", IP("192.0.2.100"), Service(addr=V4, port=80))
-    cmd = adm.parse(["--laddr-del", "2001:db8:2::100", "-t", "[2001:db8:1::10]:80"])
+    cmd = cmdline.parse(["--laddr-del", "2001:db8:2::100", "-t", "[2001:db8:1::10]:80"])
     assert (cmd.command, cmd.laddr) == ("laddr-del", IP("2001:db8:2::100"))
-    assert adm.parse(["--laddr-list", "-n"]).command == "laddr-list"
+    assert cmdline.parse(["--laddr-list", "-n"]).command == "laddr-list"
 
 
 # Error cases whose message and status ipvsadm 1.31 showed (data file); ours
@@ -362,16 +366,16 @@ REAL_USAGE_ERRORS = sorted(k for k, v in REAL.items()
 @pytest.mark.parametrize("capture", REAL_USAGE_ERRORS)
 def test_usage_errors_match_ipvsadm(capture: str) -> None:
     argv = REAL[capture]["argv"]
-    with pytest.raises(adm.AdmUsageError) as info:
-        adm.parse(argv)
+    with pytest.raises(adm_command.AdmUsageError) as info:
+        cmdline.parse(argv)
     assert f"{info.value.message}\n" == REAL[capture]["stderr"]
 
 
 # ipvsadm exits 255 on these (popt errors); we say the same with status 2.
 @pytest.mark.parametrize("capture", ["e_missing_arg", "e_unknown", "e_unknown_short"])
 def test_popt_errors_name_the_option(capture: str) -> None:
-    with pytest.raises(adm.AdmUsageError) as info:
-        adm.parse(REAL[capture]["argv"])
+    with pytest.raises(adm_command.AdmUsageError) as info:
+        cmdline.parse(REAL[capture]["argv"])
     assert f"{info.value.message}\n" == REAL[capture]["stderr"]
 
 
@@ -397,8 +401,8 @@ def test_popt_errors_name_the_option(capture: str) -> None:
     (["-L", "--stats=3"], "--stats: option does not take an argument"),
 ])
 def test_our_errors_name_the_flag(argv: list[str], needle: str) -> None:
-    with pytest.raises(adm.AdmUsageError) as info:
-        adm.parse(argv)
+    with pytest.raises(adm_command.AdmUsageError) as info:
+        cmdline.parse(argv)
     assert needle in info.value.message
 
 
@@ -438,7 +442,7 @@ def test_help_and_version_go_to_stdout() -> None:
 
 
 def test_cli_hands_adm_its_raw_arguments(capsys: pytest.CaptureFixture[str]) -> None:
-    from ipvs_synproxy import cli
+    from ipvs_synproxy.cli import main as cli
 
     assert cli.main(["adm", "-A", "-t", "198.51.100.10:0"]) == 2
     assert capsys.readouterr().err == "Zero port specified for non-persistent service\n"
@@ -449,9 +453,9 @@ def test_cli_hands_adm_its_raw_arguments(capsys: pytest.CaptureFixture[str]) -> 
 def test_sync_daemon_lines() -> None:
     # no unit capture (the guest test compares a running daemon with ipvsadm's
     # listing); the format is list_daemon()'s
-    from ipvs_synproxy.model import SyncDaemon
+    from ipvs_synproxy.kernel.model import SyncDaemon
 
-    out = adm.format_daemons([
+    out = listing.format_daemons([
         SyncDaemon("master", "eth1", 7, sync_maxlen=1472, mcast_group=IP("224.0.0.81"),
                    mcast_port=8848, mcast_ttl=1),
         SyncDaemon("backup", "eth0", 255)])
@@ -461,13 +465,13 @@ def test_sync_daemon_lines() -> None:
 
 
 def test_start_daemon_options_become_a_sync_daemon() -> None:
-    cmd = adm.parse(["--start-daemon", "backup", "--mcast-interface", "eth1", "--syncid",
+    cmd = cmdline.parse(["--start-daemon", "backup", "--mcast-interface", "eth1", "--syncid",
                      "9", "--sync-maxlen", "1200", "--mcast-group", "ff02::81",
                      "--mcast-port", "8849", "--mcast-ttl", "3"])
     assert cmd.daemon == SyncDaemon("backup", "eth1", 9, 1200,
                                     ipaddress.ip_address("ff02::81"), 8849, 3)
     # ipvsadm's defaults: interface eth0 and sync id 0
-    assert adm.parse(["--stop-daemon", "master"]).daemon == SyncDaemon("master", "eth0", 0)
+    assert cmdline.parse(["--stop-daemon", "master"]).daemon == SyncDaemon("master", "eth0", 0)
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -479,8 +483,8 @@ def test_start_daemon_options_become_a_sync_daemon() -> None:
     (["--mcast-group", "2001:db8::1"], "invalid IPv6 mcast-group `2001:db8::1'"),
 ])
 def test_bad_daemon_options_are_named(argv: list[str], message: str) -> None:
-    with pytest.raises(adm.AdmUsageError) as exc:
-        adm.parse(["--start-daemon", "master", *argv])
+    with pytest.raises(adm_command.AdmUsageError) as exc:
+        cmdline.parse(["--start-daemon", "master", *argv])
     assert exc.value.message == message
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ipvs_synproxy import cli
+from ipvs_synproxy.cli import main as cli
 
 
 def test_vm_exec_without_a_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]

@@ -10,9 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from ipvs_synproxy import cli, config, sysctl
-from ipvs_synproxy.config import Change, Op, ServiceState, Setting, State
-from ipvs_synproxy.model import (
+from ipvs_synproxy.cli import main as cli
+from ipvs_synproxy.config import load as config_load
+from ipvs_synproxy.config import plan as config_plan
+from ipvs_synproxy.config import reader as config_reader
+from ipvs_synproxy.config.plan import Change, Op, Setting
+from ipvs_synproxy.config.state import ServiceState, State
+from ipvs_synproxy.kernel import sysctl
+from ipvs_synproxy.kernel.model import (
     Dest,
     Family,
     FwdMethod,
@@ -68,8 +73,8 @@ services:
 """
 
 
-def load(text: str, name: str = "lb.yaml") -> config.Config:
-    return config.loads(text, name)
+def load(text: str, name: str = "lb.yaml") -> config_load.Config:
+    return config_load.loads(text, name)
 
 
 def test_example_parses_into_model_values() -> None:
@@ -203,7 +208,7 @@ BAD = [
 def test_bad_input_names_file_line_and_key_path(text: str, marker: str | int, path: str,
                                                 message: str) -> None:
     """``marker``: text on the line the error must name, or the line number."""
-    with pytest.raises(config.ConfigError) as info:
+    with pytest.raises(config_reader.ConfigError) as info:
         load(text)
     err = info.value
     line = marker if isinstance(marker, int) else _line_of(text, marker)
@@ -222,7 +227,7 @@ def test_cli_apply_of_an_invalid_file_exits_2_and_touches_nothing(
     def no_kernel(netns: str | None) -> None:
         raise AssertionError("the kernel must not be contacted")
 
-    monkeypatch.setattr("ipvs_synproxy.cli_config._connect", no_kernel)
+    monkeypatch.setattr("ipvs_synproxy.cli.config._connect", no_kernel)
     for cmd in ("apply", "diff"):
         assert cli.main([cmd, str(f)]) == 2
         err = capsys.readouterr().err
@@ -260,7 +265,7 @@ def test_secret_file_hex_or_raw_is_read(tmp_path: Path) -> None:
 def test_group_or_world_readable_secret_is_refused(tmp_path: Path, mode: int,
                                                    fragment: str) -> None:
     p = _secret(tmp_path, b"00112233445566778899aabbccddeeff", mode)
-    with pytest.raises(config.ConfigError) as info:
+    with pytest.raises(config_reader.ConfigError) as info:
         load(f"# x\ncookie_secret_file: {p}\n")
     assert info.value.source == "lb.yaml:2"
     assert info.value.field == "cookie_secret_file"
@@ -269,18 +274,18 @@ def test_group_or_world_readable_secret_is_refused(tmp_path: Path, mode: int,
 
 def test_secret_file_of_wrong_size_missing_or_not_root_owned(tmp_path: Path) -> None:
     p = _secret(tmp_path, b"abc\n")
-    with pytest.raises(config.ConfigError, match="32 hex digits or 16 raw bytes"):
+    with pytest.raises(config_reader.ConfigError, match="32 hex digits or 16 raw bytes"):
         load(f"cookie_secret_file: {p}\n")
-    with pytest.raises(config.ConfigError, match=r"cannot read .*No such file"):
+    with pytest.raises(config_reader.ConfigError, match=r"cannot read .*No such file"):
         load(f"cookie_secret_file: {tmp_path / 'nope'}\n")
-    with pytest.raises(config.ConfigError, match="not a regular file"):
+    with pytest.raises(config_reader.ConfigError, match="not a regular file"):
         load(f"cookie_secret_file: {tmp_path}\n")
     p = _secret(tmp_path, b"00112233445566778899aabbccddeeff")
     if os.geteuid() == 0:
         os.chown(p, 1000, 1000)
-        with pytest.raises(config.ConfigError, match="owned by uid 1000, not root"):
+        with pytest.raises(config_reader.ConfigError, match="owned by uid 1000, not root"):
             load(f"cookie_secret_file: {p}\n")
-    assert config.loads(f"cookie_secret_file: {p}\n", require_root_owner=False).secret
+    assert config_load.loads(f"cookie_secret_file: {p}\n", require_root_owner=False).secret
 
 
 # ---- diff (pure) ------------------------------------------------------------------------
@@ -303,7 +308,7 @@ def state(*services: ServiceState, **sysctls: sysctl.Value | None) -> State:
 
 
 def ops(changes: list[Change]) -> list[str]:
-    return [config.describe(c) for c in changes]
+    return [config_plan.describe(c) for c in changes]
 
 
 def test_identical_states_need_no_change_and_counters_do_not_count() -> None:
@@ -311,15 +316,15 @@ def test_identical_states_need_no_change_and_counters_do_not_count() -> None:
                                   stats=Stats(conns=5)),
                           (Dest(addr=ipaddress.ip_address(RS1), port=80, active_conns=3),))
     wanted = ServiceState(svc(), (dest(),))
-    assert config.diff(state(listed, a=(1,)), state(wanted, a=(1,))) == []
+    assert config_plan.diff(state(listed, a=(1,)), state(wanted, a=(1,))) == []
 
 
 def test_weight_change_is_one_dest_edit() -> None:
     cur = state(ServiceState(svc(), (dest(weight=1), dest(RS2))))
     new = state(ServiceState(svc(), (dest(weight=5), dest(RS2))))
-    (c,) = config.diff(cur, new)
+    (c,) = config_plan.diff(cur, new)
     assert (c.op, c.kind, c.old, c.new) == (Op.EDIT, "dest", dest(weight=1), dest(weight=5))
-    assert config.describe(c) == ("~ real server 192.0.2.11:80 of 198.51.100.10:80/tcp: "
+    assert config_plan.describe(c) == ("~ real server 192.0.2.11:80 of 198.51.100.10:80/tcp: "
                                   "weight 1 -> 5")
 
 
@@ -328,7 +333,7 @@ def test_service_edit_and_dest_changes_are_ordered_add_before_delete() -> None:
                              (la("192.0.2.100"),)))
     new = state(ServiceState(svc(scheduler="wrr", synproxy=True), (dest(RS2, 80), dest(RS1)),
                              (la("192.0.2.101"),)))
-    assert ops(config.diff(cur, new)) == [
+    assert ops(config_plan.diff(cur, new)) == [
         "~ service 198.51.100.10:80/tcp: scheduler rr -> wrr, synproxy false -> true",
         "+ laddr 192.0.2.101 of 198.51.100.10:80/tcp",
         "+ real server 192.0.2.12:80 of 198.51.100.10:80/tcp (masq, weight 1)",
@@ -340,7 +345,7 @@ def test_service_edit_and_dest_changes_are_ordered_add_before_delete() -> None:
 def test_new_and_removed_services_and_sysctls() -> None:
     old = ServiceState(svc(81), (dest(RS1, 81), dest(RS2, 81)), (la("192.0.2.100"),))
     new = ServiceState(svc(80), (dest(),), (la("192.0.2.101"),))
-    changes = config.diff(state(old, conn_reuse_mode=(1,), sloppy_tcp=(0,)),
+    changes = config_plan.diff(state(old, conn_reuse_mode=(1,), sloppy_tcp=(0,)),
                           state(new, conn_reuse_mode=(0,)))
     assert ops(changes) == [
         "~ sysctl net.ipv4.vs.conn_reuse_mode: 1 -> 0",
@@ -352,18 +357,18 @@ def test_new_and_removed_services_and_sysctls() -> None:
         "+ laddr 192.0.2.101 of 198.51.100.10:80/tcp",
         "+ real server 192.0.2.11:80 of 198.51.100.10:80/tcp (masq, weight 1)",
     ]
-    assert config.counts(changes) == {"add": 3, "edit": 1, "delete": 4}
+    assert config_plan.counts(changes) == {"add": 3, "edit": 1, "delete": 4}
 
 
 def test_sysctls_not_named_in_the_config_are_left_alone() -> None:
-    assert config.diff(state(sloppy_tcp=(1,)), state()) == []
+    assert config_plan.diff(state(sloppy_tcp=(1,)), state()) == []
 
 
 def test_key_change_is_delete_and_add_but_attribute_change_is_edit() -> None:
     cur = state(ServiceState(svc(80, persistent=0)))
-    assert [c.op for c in config.diff(cur, state(ServiceState(svc(80, persistent=60))))] \
+    assert [c.op for c in config_plan.diff(cur, state(ServiceState(svc(80, persistent=60))))] \
         == [Op.EDIT]
-    assert [c.op for c in config.diff(cur, state(ServiceState(svc(80, protocol="udp"))))] \
+    assert [c.op for c in config_plan.diff(cur, state(ServiceState(svc(80, protocol="udp"))))] \
         == [Op.DELETE, Op.ADD]
 
 
@@ -377,7 +382,7 @@ def test_rollback_plan_inverts_in_reverse_order() -> None:
             Change(Op.ADD, None, dest(), s),
             Change(Op.EDIT, dest(weight=1), dest(weight=2), s),
             Change(Op.DELETE, la("192.0.2.100"), None, s)]
-    assert config.rollback_plan(done) == [
+    assert config_plan.rollback_plan(done) == [
         Change(Op.ADD, None, la("192.0.2.100"), s),
         Change(Op.EDIT, dest(weight=2), dest(weight=1), s),
         Change(Op.DELETE, dest(), None, s),
@@ -408,19 +413,19 @@ def _canon(s: State) -> tuple[object, ...]:
 def test_applying_the_diff_reaches_the_target_and_any_failure_restores_the_start(
         a: int, b: int) -> None:
     start, goal = STATES[a], STATES[b]
-    changes = config.diff(start, goal)
+    changes = config_plan.diff(start, goal)
     k = FakeKernel.from_state(start)
-    config.apply_changes(changes, k)
+    config_plan.apply_changes(changes, k)
     assert _canon(k.state()) == _canon(goal)
-    assert config.diff(k.state(), goal) == []
+    assert config_plan.diff(k.state(), goal) == []
     # make each step fail in turn: the kernel must end where it started
     for i in range(len(changes)):
         k = FakeKernel.from_state(start)
         calls_ok = FakeKernel.from_state(start)
-        config.apply_changes(changes[:i], calls_ok)
+        config_plan.apply_changes(changes[:i], calls_ok)
         k.fail_on = _call_name(changes[i])
-        with pytest.raises(config.ApplyError) as info:
-            config.apply_changes(changes, k)
+        with pytest.raises(config_plan.ApplyError) as info:
+            config_plan.apply_changes(changes, k)
         assert info.value.failed == changes[i]
         assert info.value.done == changes[:i]
         assert info.value.rollback_errors == []
@@ -442,7 +447,7 @@ def _call_name(c: Change) -> str:
 
 def test_a_failing_rollback_is_reported_as_incomplete() -> None:
     start = STATES[1]
-    changes = config.diff(start, STATES[2])
+    changes = config_plan.diff(start, STATES[2])
     k = FakeKernel.from_state(start)
     k.fail_on = _call_name(changes[-1])
     original = k.write_sysctl
@@ -454,8 +459,8 @@ def test_a_failing_rollback_is_reported_as_incomplete() -> None:
         original(name, value)
 
     k.write_sysctl = broken  # type: ignore[method-assign]
-    with pytest.raises(config.ApplyError) as info:
-        config.apply_changes(changes, k)
+    with pytest.raises(config_plan.ApplyError) as info:
+        config_plan.apply_changes(changes, k)
     text = str(info.value)
     assert "ROLLBACK INCOMPLETE: 1 of" in text
     assert "net.ipv4.vs.conn_reuse_mode: read-only now" in text
@@ -463,13 +468,13 @@ def test_a_failing_rollback_is_reported_as_incomplete() -> None:
 
 def test_secret_failure_after_all_changes_rolls_them_back() -> None:
     k = FakeKernel.from_state(STATES[0])
-    changes = config.diff(STATES[0], STATES[1])
+    changes = config_plan.diff(STATES[0], STATES[1])
 
     def after() -> None:
         raise RuntimeError("no secret today")
 
-    with pytest.raises(config.ApplyError) as info:
-        config.apply_changes(changes, k, after)
+    with pytest.raises(config_plan.ApplyError) as info:
+        config_plan.apply_changes(changes, k, after)
     assert info.value.failed is None
     assert "failed: setting the SYN proxy secret: no secret today" in str(info.value)
     assert _canon(k.state()) == _canon(STATES[0])
@@ -479,7 +484,7 @@ def test_secret_failure_after_all_changes_rolls_them_back() -> None:
 
 
 def _cli_env(monkeypatch: pytest.MonkeyPatch, k: FakeKernel) -> None:
-    monkeypatch.setattr("ipvs_synproxy.cli_config._connect", lambda netns: k)
+    monkeypatch.setattr("ipvs_synproxy.cli.config._connect", lambda netns: k)
     monkeypatch.setattr(sysctl, "Sysctls", lambda netns=None: k)
 
 

@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from ipvs_synproxy import cookie
-from ipvs_synproxy.cookie import SynOptions
+from ipvs_synproxy.kernel import cookie
+from ipvs_synproxy.kernel.cookie import SynOptions
 
 KEY = bytes(range(16))
 OTHER = bytes(range(1, 17))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ipvs_synproxy.testbed import flood, topology
+from ipvs_synproxy_testbed import flood, topology
 
 CLIENT_MAC, LB_MAC = "02:00:00:00:01:02", "02:00:00:00:01:01"
 FLAG_BITS = {"fin": 0x01, "syn": 0x02, "rst": 0x04, "psh": 0x08, "ack": 0x10, "urg": 0x20,

@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from ipvs_synproxy import cli, config, keepalived, keepalived_build
-from ipvs_synproxy.model import Laddr
+from ipvs_synproxy.build import keepalived as keepalived_build
+from ipvs_synproxy.cli import main as cli
+from ipvs_synproxy.config import keepalived
+from ipvs_synproxy.config import load as config_load
+from ipvs_synproxy.config import reader as config_reader
+from ipvs_synproxy.kernel.model import Laddr
 
 DATA = Path(__file__).parent / "data" / "keepalived"
 EXAMPLE = DATA / "example.yaml"
@@ -29,10 +33,10 @@ services:
 """
 
 
-def load(text: str, tmp_path: Path, name: str = "ipvs.yaml") -> config.Config:
+def load(text: str, tmp_path: Path, name: str = "ipvs.yaml") -> config_load.Config:
     path = tmp_path / name
     path.write_text(text)
-    return config.load(str(path))
+    return config_load.load(str(path))
 
 
 def render_text(text: str, tmp_path: Path) -> str:
@@ -43,15 +47,15 @@ def render_text(text: str, tmp_path: Path) -> str:
 
 
 def test_example_renders_to_the_golden_file() -> None:
-    cfg = config.load(str(EXAMPLE))
+    cfg = config_load.load(str(EXAMPLE))
     assert keepalived.render(cfg) == GOLDEN.read_text()
 
 
 def test_rendering_is_deterministic(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                     ) -> None:
-    cfg = config.load(str(EXAMPLE))
+    cfg = config_load.load(str(EXAMPLE))
     first = keepalived.render(cfg)
-    assert keepalived.render(config.load(str(EXAMPLE))) == first
+    assert keepalived.render(config_load.load(str(EXAMPLE))) == first
     assert cli.main(["keepalived", "render", str(EXAMPLE)]) == 0
     assert capsys.readouterr().out == first
     out = tmp_path / "keepalived.conf"
@@ -151,7 +155,7 @@ BAD = [
 @pytest.mark.parametrize(("text", "message"), BAD)
 def test_invalid_keepalived_sections_are_rejected_at_load(
         text: str, message: str, tmp_path: Path) -> None:
-    with pytest.raises(config.ConfigError) as exc:
+    with pytest.raises(config_reader.ConfigError) as exc:
         load(text, tmp_path)
     assert message in str(exc.value)
 
@@ -177,7 +181,7 @@ def test_what_keepalived_cannot_express_is_rejected_at_render(
         text: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
         ) -> None:
     cfg = load(text, tmp_path)  # fine for apply
-    with pytest.raises(config.ConfigError) as exc:
+    with pytest.raises(config_reader.ConfigError) as exc:
         keepalived.render(cfg)
     assert message in str(exc.value)
     assert cli.main(["keepalived", "render", str(tmp_path / "ipvs.yaml")]) == 2
@@ -229,7 +233,7 @@ def test_cached_build_is_not_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyP
         raise AssertionError("must not rebuild")
 
     monkeypatch.setattr(keepalived_build, "fetch_tarball", no)
-    monkeypatch.setattr("ipvs_synproxy.deps.ensure_debs", no)
+    monkeypatch.setattr("ipvs_synproxy.build.apt.ensure_debs", no)
     res = keepalived_build.build()
     assert not res.rebuilt and res.binary == binary
 

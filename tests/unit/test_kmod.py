@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ipvs_synproxy import kmod
+from ipvs_synproxy.build import kmod
 
 KERNEL = kmod.Kernel("6.1.0-99-amd64")
 

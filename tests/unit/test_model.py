@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from ipvs_synproxy.model import (
+from ipvs_synproxy.kernel.model import (
     IP_VS_SVC_F_ONEPACKET,
     IP_VS_SVC_F_PERSISTENT,
     IP_VS_SVC_F_SYNPROXY,

@@ -11,8 +11,8 @@ import pytest
 from pyroute2.netlink import nla
 from pyroute2.netlink.generic import ipvs as pr_ipvs
 
-from ipvs_synproxy import netlink
-from ipvs_synproxy.model import (
+from ipvs_synproxy.kernel import netlink
+from ipvs_synproxy.kernel.model import (
     Dest,
     FwdMethod,
     Stats,

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ipvs_synproxy import netlink
-from ipvs_synproxy.model import Protocol
+from ipvs_synproxy.kernel import netlink
+from ipvs_synproxy.kernel.model import Protocol
 
 HDR = struct.Struct("=IHHII")
 FAMILY = 0x20

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from ipvs_synproxy import cli, paths, stats
-from ipvs_synproxy.config import ServiceState, State
-from ipvs_synproxy.model import Dest, Service, Stats, make_dest, make_service
+from ipvs_synproxy.build import paths
+from ipvs_synproxy.cli import main as cli
+from ipvs_synproxy.config.state import ServiceState, State
+from ipvs_synproxy.kernel import stats
+from ipvs_synproxy.kernel.model import Dest, Service, Stats, make_dest, make_service
 from tests.unit.fake_ipvs import FakeKernel
 
 VIP4 = "198.51.100.10"
@@ -88,8 +90,8 @@ def test_cli_stats_watch_prints_each_sample(monkeypatch: pytest.MonkeyPatch,
     svc = make_service(source="t", addr=VIP4, port=80)
     k = FakeKernel.from_state(State((ServiceState(svc, (make_dest(source="t",
                                                                   addr="192.0.2.11"),)),)))
-    monkeypatch.setattr("ipvs_synproxy.cli_config._connect", lambda netns: k)
-    monkeypatch.setattr("ipvs_synproxy.cli_config.time.sleep", lambda s: None)
+    monkeypatch.setattr("ipvs_synproxy.cli.config._connect", lambda netns: k)
+    monkeypatch.setattr("ipvs_synproxy.cli.config.time.sleep", lambda s: None)
     assert cli.main(["stats", "--watch", "1", "--count", "3", "--json"]) == 0
     samples = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert len(samples) == 3

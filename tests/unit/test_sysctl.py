@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ipvs_synproxy import cli, paths, sysctl
+from ipvs_synproxy.build import paths
+from ipvs_synproxy.cli import main as cli
+from ipvs_synproxy.kernel import sysctl
 
 REPO = Path(__file__).resolve().parents[2]
 

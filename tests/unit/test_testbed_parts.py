@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ipvs_synproxy.testbed import initramfs, junit, topology, vm
+from ipvs_synproxy_testbed import initramfs, junit, topology, vm
 
 
 def test_topology_matches_the_design_contract() -> None:
@@ -116,7 +116,7 @@ def test_guest_learns_where_the_hosts_stop_file_is(tmp_path: Path,
 
 
 def test_qemu_forwards_only_the_asked_ports_to_loopback(tmp_path: Path) -> None:
-    from ipvs_synproxy import kmod
+    from ipvs_synproxy.build import kmod
 
     kernel = kmod.Kernel("6.1.0-0-amd64")
     argv = vm.qemu_command(kernel, tmp_path / "initrd", tmp_path,

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ipvs_synproxy import cli, kmod
+from ipvs_synproxy.build import kmod
+from ipvs_synproxy.cli import main as cli
 
 
 def _src(tmp_path: Path, code: str = "int x;\n") -> Path:

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from ipvs_synproxy.testbed import netns, peers, topology
-from ipvs_synproxy.testbed.vm import TEST_MARK
+from ipvs_synproxy_testbed import netns, peers, topology
+from ipvs_synproxy_testbed.vm import TEST_MARK
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from ipvs_synproxy import adm
-from ipvs_synproxy.testbed import netns, peers, topology
+from ipvs_synproxy.adm import execute as adm
+from ipvs_synproxy_testbed import netns, peers, topology
 from tests.vm.conftest import ipvsadm
 
 V4, V6 = topology.VIP4, topology.VIP6

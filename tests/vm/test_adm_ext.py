@@ -7,7 +7,7 @@ Needs the patched modules (the default of ``vm exec``).
 
 from __future__ import annotations
 
-from ipvs_synproxy.testbed import topology
+from ipvs_synproxy_testbed import topology
 from tests.vm.conftest import ipvsadm
 from tests.vm.test_adm import sp
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from ipvs_synproxy import cli, netlink, sysctl
-from ipvs_synproxy.model import make_service
-from ipvs_synproxy.testbed import netns, peers, topology
+from ipvs_synproxy.cli import main as cli
+from ipvs_synproxy.kernel import netlink, sysctl
+from ipvs_synproxy.kernel.model import make_service
+from ipvs_synproxy_testbed import netns, peers, topology
 from tests.vm.conftest import ipvsadm
 
 V4, V6 = topology.VIP4, topology.VIP6

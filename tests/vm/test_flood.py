@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ipvs_synproxy.testbed import flood, netns, peers, topology
+from ipvs_synproxy_testbed import flood, netns, peers, topology
 from tests.unit.test_flood import read_pcap
 from tests.vm.conftest import ipvsadm
 

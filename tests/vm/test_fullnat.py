@@ -1,6 +1,6 @@
 """FULLNAT forwarding (forwarding method 5) with local-address pools and TOA.
 
-Every test drives the patched kernel through ``ipvs_synproxy.netlink`` the
+Every test drives the patched kernel through ``ipvs_synproxy.kernel.netlink`` the
 way users will, with real TCP clients in ``client`` and real servers in
 ``rs1``/``rs2`` that have **no route back** to the client network: only
 FULLNAT, which makes the balancer's laddr the peer of the real server, lets
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from ipvs_synproxy.model import Dest, FwdMethod, Service
-from ipvs_synproxy.netlink import IPVS
-from ipvs_synproxy.testbed import netns, peers, topology
+from ipvs_synproxy.kernel.model import Dest, FwdMethod, Service
+from ipvs_synproxy.kernel.netlink import IPVS
+from ipvs_synproxy_testbed import netns, peers, topology
 
 IP = ipaddress.ip_address
 FAMILIES = ("ipv4", "ipv6")
@@ -169,7 +169,7 @@ def test_clients_reach_real_servers_that_have_no_route_back(
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_udp_through_fullnat(ipvs: IPVS, no_route_back: None, family: str) -> None:
-    from ipvs_synproxy.model import Protocol
+    from ipvs_synproxy.kernel.model import Protocol
     net = NETS[family]
     fam = peers.family_of(net.vip)
     svc = Service(protocol=Protocol.UDP, addr=IP(net.vip), port=5353, scheduler="rr")
@@ -249,7 +249,7 @@ def test_deleting_a_laddr_in_use_keeps_its_connections(
 
 
 def test_laddr_commands_report_errors(ipvs: IPVS) -> None:
-    from ipvs_synproxy.netlink import AlreadyExists, NotFound
+    from ipvs_synproxy.kernel.netlink import AlreadyExists, NotFound
     svc = fullnat_service(ipvs, NETS["ipv4"], NETS["ipv4"].laddrs[:1])
     with pytest.raises(AlreadyExists):
         ipvs.add_laddr(svc, IP(NETS["ipv4"].laddrs[0]))

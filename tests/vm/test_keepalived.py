@@ -21,10 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from ipvs_synproxy import config, keepalived, keepalived_build
-from ipvs_synproxy.model import FwdMethod, Service
-from ipvs_synproxy.netlink import IPVS
-from ipvs_synproxy.testbed import netns, peers, topology
+from ipvs_synproxy.build import keepalived as keepalived_build
+from ipvs_synproxy.config import keepalived
+from ipvs_synproxy.config import load as config_load
+from ipvs_synproxy.kernel.model import FwdMethod, Service
+from ipvs_synproxy.kernel.netlink import IPVS
+from ipvs_synproxy_testbed import netns, peers, topology
 
 VIP = topology.VIP4
 VIP6 = topology.VIP6
@@ -48,7 +50,7 @@ def wait_for(cond: Callable[[], bool], timeout: float = 30.0, step: float = 0.3)
 def render(tmp: Path, text: str) -> str:
     src = tmp / "ipvs.yaml"
     src.write_text(text)
-    return keepalived.render(config.load(str(src)))
+    return keepalived.render(config_load.load(str(src)))
 
 
 class Keepalived:
@@ -183,7 +185,7 @@ def test_patched_keepalived_accepts_every_config_we_render(binary: Path, topo: N
     documented example (TCP_CHECK, HTTP_GET, MISC_CHECK, laddr groups, VRRP) and
     on every config the tests below run; a dangling laddr group is refused."""
     configs = {
-        "example": keepalived.render(config.load(str(EXAMPLE))),
+        "example": keepalived.render(config_load.load(str(EXAMPLE))),
         "tcp": render(tmp_path, CONFIG),
         "http": render(tmp_path, CONFIG.replace(CHECK, "{type: http, path: /health}")),
         "master": render(tmp_path, balancer_config("lb", "master", 150, LADDRS)),

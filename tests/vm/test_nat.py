@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from ipvs_synproxy.testbed import peers, topology
+from ipvs_synproxy_testbed import peers, topology
 from tests.vm.conftest import ipvsadm
 
 

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from ipvs_synproxy import netlink
-from ipvs_synproxy.model import FwdMethod, Service, Timeouts, make_dest, make_service
-from ipvs_synproxy.testbed import peers, topology
+from ipvs_synproxy.kernel import netlink
+from ipvs_synproxy.kernel.model import FwdMethod, Service, Timeouts, make_dest, make_service
+from ipvs_synproxy_testbed import peers, topology
 from tests.vm.conftest import ipvsadm
 
 Table = dict[str, dict[str, tuple[str, str]]]

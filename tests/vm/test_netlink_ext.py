@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from ipvs_synproxy import netlink
-from ipvs_synproxy.model import FwdMethod, Service, make_dest, make_service
-from ipvs_synproxy.testbed import netns, topology
+from ipvs_synproxy.kernel import netlink
+from ipvs_synproxy.kernel.model import FwdMethod, Service, make_dest, make_service
+from ipvs_synproxy_testbed import netns, topology
 
 IP = ipaddress.ip_address
 

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from ipvs_synproxy import cookie
-from ipvs_synproxy.model import Dest, FwdMethod, Service
-from ipvs_synproxy.netlink import IPVS
-from ipvs_synproxy.testbed import netns
-from ipvs_synproxy.testbed import transfer as xfer
-from ipvs_synproxy.testbed.transfer import (  # noqa: F401  (test_synproxy_hardening uses it)
+from ipvs_synproxy.kernel import cookie
+from ipvs_synproxy.kernel.model import Dest, FwdMethod, Service
+from ipvs_synproxy.kernel.netlink import IPVS
+from ipvs_synproxy_testbed import netns
+from ipvs_synproxy_testbed import transfer as xfer
+from ipvs_synproxy_testbed.transfer import (  # noqa: F401  (test_synproxy_hardening uses it)
     MB,
     XFER,
     BlobServer,

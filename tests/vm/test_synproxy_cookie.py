@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from ipvs_synproxy import cookie
-from ipvs_synproxy.model import FwdMethod
-from ipvs_synproxy.netlink import IPVS
-from ipvs_synproxy.testbed import netns, peers
+from ipvs_synproxy.kernel import cookie
+from ipvs_synproxy.kernel.model import FwdMethod
+from ipvs_synproxy.kernel.netlink import IPVS
+from ipvs_synproxy_testbed import netns, peers
 from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
     NETS,
     Capture,

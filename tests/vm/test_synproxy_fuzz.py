@@ -39,11 +39,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from ipvs_synproxy import cookie
-from ipvs_synproxy.model import FwdMethod
-from ipvs_synproxy.netlink import IPVS
-from ipvs_synproxy.testbed import flood, netns
-from ipvs_synproxy.testbed.transfer import recv_exact
+from ipvs_synproxy.kernel import cookie
+from ipvs_synproxy.kernel.model import FwdMethod
+from ipvs_synproxy.kernel.netlink import IPVS
+from ipvs_synproxy_testbed import flood, netns
+from ipvs_synproxy_testbed.transfer import recv_exact
 from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
     CLIENT_MAC,
     LB_MAC,

@@ -20,10 +20,10 @@ from contextlib import contextmanager
 
 import pytest
 
-from ipvs_synproxy.model import FwdMethod
-from ipvs_synproxy.netlink import IPVS
-from ipvs_synproxy.testbed import flood, netns, peers, topology
-from ipvs_synproxy.testbed.transfer import BLOB, BlobServer, recv_exact
+from ipvs_synproxy.kernel.model import FwdMethod
+from ipvs_synproxy.kernel.netlink import IPVS
+from ipvs_synproxy_testbed import flood, netns, peers, topology
+from ipvs_synproxy_testbed.transfer import BLOB, BlobServer, recv_exact
 from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
     CLIENT_MAC,
     LB_MAC,

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from ipvs_synproxy.netlink import IPVS
-from ipvs_synproxy.testbed import netns
+from ipvs_synproxy.kernel.netlink import IPVS
+from ipvs_synproxy_testbed import netns
 from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
     CLIENT_MAC,
     LB_MAC,

@@ -20,7 +20,7 @@ from collections import defaultdict
 
 import pytest
 
-from ipvs_synproxy.netlink import IPVS
+from ipvs_synproxy.kernel.netlink import IPVS
 from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
     NETS,
     Capture,

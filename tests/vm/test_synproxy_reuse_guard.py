@@ -17,9 +17,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from ipvs_synproxy.model import FwdMethod
-from ipvs_synproxy.netlink import IPVS
-from ipvs_synproxy.testbed import netns, topology
+from ipvs_synproxy.kernel.model import FwdMethod
+from ipvs_synproxy.kernel.netlink import IPVS
+from ipvs_synproxy_testbed import netns, topology
 from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
     NETS,
     Capture,

@@ -21,10 +21,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from ipvs_synproxy import cookie
-from ipvs_synproxy.model import FwdMethod
-from ipvs_synproxy.netlink import IPVS
-from ipvs_synproxy.testbed import netns, topology
+from ipvs_synproxy.kernel import cookie
+from ipvs_synproxy.kernel.model import FwdMethod
+from ipvs_synproxy.kernel.netlink import IPVS
+from ipvs_synproxy_testbed import netns, topology
 from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
     NETS,
     Capture,
@@ -184,7 +184,7 @@ def test_after_a_set_cookies_of_the_old_secret_die_at_the_next_boundary(
 
 SET_AS_NOBODY = """
 import sys
-from ipvs_synproxy.netlink import IPVS, PermissionDenied
+from ipvs_synproxy.kernel.netlink import IPVS, PermissionDenied
 try:
     with IPVS() as conn:
         conn.set_synproxy_secret(bytes.fromhex(sys.argv[1]))

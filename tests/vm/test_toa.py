@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from ipvs_synproxy import kmod
-from ipvs_synproxy.testbed import netns, topology
+from ipvs_synproxy.build import kmod
+from ipvs_synproxy_testbed import netns, topology
 from tests.vm.test_synproxy_hardening import nft
 
 CLAIM4 = (topology.CLIENT4, 4242)

@@ -32,9 +32,9 @@ from ipaddress import ip_address as IP
 
 import pytest
 
-from ipvs_synproxy.model import Dest, FwdMethod, Service
-from ipvs_synproxy.netlink import IPVS
-from ipvs_synproxy.testbed import netns
+from ipvs_synproxy.kernel.model import Dest, FwdMethod, Service
+from ipvs_synproxy.kernel.netlink import IPVS
+from ipvs_synproxy_testbed import netns
 from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
     NETS,
     Capture,

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from ipvs_synproxy.testbed import peers, topology
+from ipvs_synproxy_testbed import peers, topology
 
 OUT = sys.argv[1]
 res = {}

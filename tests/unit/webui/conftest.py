@@ -10,9 +10,9 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from ipvs_synproxy.config import ServiceState, State
-from ipvs_synproxy.model import Dest, Laddr
-from ipvs_synproxy.sysctl import Sysctls
+from ipvs_synproxy.config.state import ServiceState, State
+from ipvs_synproxy.kernel.model import Dest, Laddr
+from ipvs_synproxy.kernel.sysctl import Sysctls
 from tests.unit.webui.support import (
     RS1,
     RS2,

@@ -11,7 +11,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.security import generate_password_hash
 
-from ipvs_synproxy.model import Dest, FwdMethod, Protocol, Service, Stats
+from ipvs_synproxy.kernel.model import Dest, FwdMethod, Protocol, Service, Stats
 from tests.unit.fake_ipvs import FakeKernel
 from webui.settings import User
 

@@ -13,9 +13,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.security import generate_password_hash
 
-from ipvs_synproxy import cli
-from ipvs_synproxy.model import FwdMethod
-from ipvs_synproxy.sysctl import Sysctls
+from ipvs_synproxy.cli import main as cli
+from ipvs_synproxy.kernel.model import FwdMethod
+from ipvs_synproxy.kernel.sysctl import Sysctls
 from tests.unit.fake_ipvs import FakeKernel
 from tests.unit.webui.support import (
     API_ACTIONS,
@@ -654,7 +654,7 @@ def test_metrics_export_extended_counters_as_ipvs_synproxy(client: FlaskClient) 
 
 
 def test_metrics_report_down_when_ipvs_is_unreachable(tmp_path: Path) -> None:
-    from ipvs_synproxy import netlink
+    from ipvs_synproxy.kernel import netlink
 
     def broken() -> FakeKernel:
         raise netlink.IpvsUnavailable("no IPVS in the kernel")

@@ -13,7 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.security import generate_password_hash
 
-from ipvs_synproxy.sysctl import Sysctls
+from ipvs_synproxy.kernel.sysctl import Sysctls
 from tests.unit.webui.support import BEARER, FAST, RID1, SID, Kernel, audit_entries, make_users
 from webui import create_app
 from webui import settings as settings_mod

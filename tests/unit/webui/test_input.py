@@ -11,7 +11,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.security import generate_password_hash
 
-from ipvs_synproxy.sysctl import Sysctls
+from ipvs_synproxy.kernel.sysctl import Sysctls
 from tests.unit.webui.support import (
     BEARER,
     PASSWORDS,

@@ -28,7 +28,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.security import generate_password_hash
 
-from ipvs_synproxy import cli
+from ipvs_synproxy.cli import main as cli
 from webui import serve
 from webui.app import HSTS
 

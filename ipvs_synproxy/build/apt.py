@@ -1,0 +1,64 @@
+"""Install the Debian packages a command needs, once, and only when missing.
+
+Every step that needs a system package calls :func:`ensure_debs` with its own
+list first, so a fresh machine (CI, a new developer box) needs nothing but
+``make``. This module knows no caller's packages: it imports nothing of the
+project.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+_apt_updated = False
+# Seconds to wait for another apt or dpkg (unattended-upgrades, a second build) to finish.
+LOCK_WAIT = 600
+
+
+class DependencyError(RuntimeError):
+    """A required system package could not be installed."""
+
+
+def missing_debs(packages: list[str]) -> list[str]:
+    """Return the packages of ``packages`` that dpkg does not report as installed."""
+    missing = []
+    for pkg in packages:
+        res = subprocess.run(
+            ["dpkg-query", "-W", "-f=${db:Status-Status}", pkg],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if res.returncode != 0 or res.stdout.strip() != "installed":
+            missing.append(pkg)
+    return missing
+
+
+def ensure_debs(packages: list[str]) -> None:
+    """Install any of ``packages`` that are missing (apt-get, non-interactive)."""
+    global _apt_updated
+    missing = missing_debs(packages)
+    if not missing:
+        return
+    if shutil.which("apt-get") is None:
+        raise DependencyError(f"missing packages {missing} and no apt-get to install them")
+    if os.geteuid() != 0:
+        raise DependencyError(f"missing packages {missing}; run as root to install them")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    print(f"ipvs-synproxy: installing {' '.join(missing)}", file=sys.stderr)
+    if not _apt_updated:
+        subprocess.run(["apt-get", "-o", f"DPkg::Lock::Timeout={LOCK_WAIT}", "update", "-q"], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+        _apt_updated = True
+    res = subprocess.run(
+        ["apt-get", "-o", f"DPkg::Lock::Timeout={LOCK_WAIT}", "install", "-y", "-q",
+         "--no-install-recommends", *missing],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        check=False,
+    )
+    if res.returncode != 0:
+        raise DependencyError(f"apt-get install {' '.join(missing)} failed ({res.returncode})")

@@ -1,0 +1,153 @@
+"""The ``ipvs-synproxy`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ipvs_synproxy.adm import execute as adm
+from ipvs_synproxy.build import apt, kmod, paths
+from ipvs_synproxy.cli import config as cli_config
+from ipvs_synproxy.cli import keepalived as cli_keepalived
+from webui import cli as webui_cli
+
+EXIT_USAGE = 2
+
+
+def _cmd_kmod_build(args: argparse.Namespace) -> int:
+    res = kmod.build(force=args.force)
+    state = "built" if res.rebuilt else "up to date"
+    print(f"{state}: {len(res.modules)} modules for {res.kernel.version} "
+          f"(series key {res.key}) in {res.directory / 'modules'}")
+    return 0
+
+
+def _cmd_kmod_build_toa(args: argparse.Namespace) -> int:
+    res = kmod.build_toa(force=args.force)
+    print(res.modules[0])
+    return 0
+
+
+def _cmd_kmod_checkpatch(args: argparse.Namespace) -> int:
+    patches = kmod.read_series()
+    sources = sorted((paths.patches_dir() / "toa").glob("*.c"))
+    problems = kmod.checkpatch(patches, sources)
+    for patch, report in problems:
+        print(f"== {patch.name}\n{report}")
+    print(f"checkpatch: {len(patches)} patches and {len(sources)} module sources, "
+          f"{len(problems)} with findings")
+    return 1 if problems else 0
+
+
+def _cmd_kmod_dkms_tree(args: argparse.Namespace) -> int:
+    from importlib.metadata import version
+
+    dest = kmod.export_tree(Path(args.dest).resolve(), version("ipvs-synproxy"))
+    print(f"patched source tree with dkms.conf in {dest}\n"
+          f"next: dkms add {dest} && dkms install ipvs-synproxy/{version('ipvs-synproxy')}")
+    return 0
+
+
+def _cmd_vm_exec(args: argparse.Namespace) -> int:
+    from ipvs_synproxy_testbed import vm
+
+    cmd = list(args.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        print("ipvs-synproxy vm exec: no command given (… vm exec -- CMD …)", file=sys.stderr)
+        return EXIT_USAGE
+    opts = vm.VmOptions(
+        topology=args.topology, modules=args.modules, timeout=args.timeout,
+        memory_mb=args.memory, cpus=args.cpus, forward_ports=tuple(args.forward),
+        cwd=Path.cwd(), keep_job=args.keep, verbose=args.verbose,
+    )
+    return vm.run(cmd, opts).returncode
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range 1-65535: {port}")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ipvs-synproxy",
+        description="FULLNAT and SYN proxy for Linux IPVS: build the patched modules, "
+                    "run the QEMU testbed, manage services.",
+    )
+    sub = p.add_subparsers(dest="group", required=True, metavar="COMMAND")
+
+    km = sub.add_parser("kmod", help="build the patched IPVS modules")
+    kms = km.add_subparsers(dest="action", required=True, metavar="ACTION")
+    b = kms.add_parser("build", help="build (or reuse the cached) patched modules for the "
+                                     "installed Debian 6.1 kernel")
+    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.set_defaults(func=_cmd_kmod_build)
+    t = kms.add_parser("build-toa", help="build (or reuse the cached) real-server TOA "
+                                         "module toa.ko; prints its path")
+    t.add_argument("--force", action="store_true", help="rebuild even if cached")
+    t.set_defaults(func=_cmd_kmod_build_toa)
+    c = kms.add_parser("checkpatch", help="run checkpatch.pl over every patch in the series")
+    c.set_defaults(func=_cmd_kmod_checkpatch)
+    t = kms.add_parser("dkms-tree", help="write the patched source tree with dkms.conf "
+                                         "(for /usr/src/ipvs-synproxy-VERSION)")
+    t.add_argument("dest", help="directory to create (must be absent or empty)")
+    t.set_defaults(func=_cmd_kmod_dkms_tree)
+
+    v = sub.add_parser("vm", help="the QEMU testbed guest")
+    vs = v.add_subparsers(dest="action", required=True, metavar="ACTION")
+    e = vs.add_parser(
+        "exec", help="boot the guest, run a command in it, exit with its status",
+        description="Boot the testbed guest (stock Debian 6.1 kernel, TCG, no network "
+                    "device), load the IPVS modules, optionally build the standard "
+                    "topology (netns client, lb, rs1, rs2), run COMMAND from the current "
+                    "directory and exit with its status. Any BUG/WARNING/Oops/SLUB report "
+                    "in the guest's kernel log fails the run.",
+    )
+    e.add_argument("--topology", action="store_true",
+                   help="build the standard topology before running the command")
+    e.add_argument("--modules", choices=("patched", "stock"), default="patched",
+                   help="patched: this project's build (default); stock: the "
+                        "distribution's own IPVS modules")
+    e.add_argument("--timeout", type=float, default=1800.0,
+                   help="kill the guest after this many seconds (default 1800)")
+    e.add_argument("--memory", type=int, default=2048, help="guest memory in MiB")
+    e.add_argument("--cpus", type=int, default=2, help="guest vCPUs")
+    e.add_argument("--forward", type=_port, action="append", default=[], metavar="PORT",
+                   help="forward 127.0.0.1:PORT on the host to the guest's PORT")
+    e.add_argument("--keep", action="store_true", help="keep the job directory (logs)")
+    e.add_argument("-v", "--verbose", action="store_true", help="show guest boot progress")
+    e.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
+    e.set_defaults(func=_cmd_vm_exec)
+
+    cli_config.register(sub)  # diff, apply, stats, sysctl
+    cli_keepalived.register(sub)  # keepalived render, build
+    webui_cli.register(sub)  # the web console
+    # ``adm`` takes ipvsadm's own command line: main() hands it over unparsed.
+    sub.add_parser("adm", add_help=False,
+                   help="ipvsadm-compatible service manager (ipvs-synproxy adm -h)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["adm"]:
+        return adm.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        rc: int = args.func(args)
+    except (kmod.KmodError, apt.DependencyError) as exc:
+        print(f"ipvs-synproxy: {exc}", file=sys.stderr)
+        return 1
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Load the declarative config file into model values, or say exactly what is wrong.
+
+The file describes the whole IPVS table of one network namespace (services,
+their real servers and laddr pools) plus the ``net.ipv4.vs.*`` sysctls it
+names and, optionally, where the SYN-proxy cookie secret lives. The schema is
+documented in ``docs/operator-guide.md``; :func:`load` turns the file into a
+:class:`Config` of :mod:`~ipvs_synproxy.kernel.model` values or raises
+:class:`~ipvs_synproxy.config.reader.ConfigError` naming ``file:line`` and the
+key path of the first bad value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, cast
+
+from ipvs_synproxy.config import keepalived_settings
+from ipvs_synproxy.config.keepalived_settings import KeepalivedSettings
+from ipvs_synproxy.config.reader import (
+    ConfigError,
+    Reader,
+    YamlMap,
+    int_field,
+    parse_yaml,
+    read_bool,
+    read_str,
+    typename,
+)
+from ipvs_synproxy.config.state import ServiceState, State
+from ipvs_synproxy.kernel import sysctl as sysctl_mod
+from ipvs_synproxy.kernel.model import (
+    IP_VS_SVC_F_ONEPACKET,
+    IP_VS_SVC_F_SCHED1,
+    IP_VS_SVC_F_SCHED2,
+    IP_VS_SVC_F_SCHED3,
+    Dest,
+    Family,
+    FwdMethod,
+    IPAddress,
+    Laddr,
+    ModelError,
+    Service,
+    TunnelType,
+    parse_addr,
+    parse_endpoint,
+    parse_int,
+    parse_protocol,
+    synproxy_dest_error,
+)
+
+SECRET_LEN = 16
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    state: State
+    secret: bytes | None = None
+    secret_file: str | None = None
+    # where things came from, for messages: service key -> "file:line"
+    origins: Mapping[Any, str] = field(default_factory=dict, compare=False)
+    # the ``keepalived`` section and health checks (keepalived_config.read)
+    keepalived: KeepalivedSettings | None = field(default=None, compare=False)
+
+
+TOP_KEYS = ("services", "sysctl", "cookie_secret_file", "keepalived")
+SERVICE_KEYS = ("vip", "fwmark", "family", "protocol", "scheduler", "persistent", "netmask",
+                "persistence_engine", "one_packet", "scheduler_flags", "synproxy", "forward",
+                "laddrs", "real_servers", "healthcheck")
+DEST_KEYS = ("addr", "weight", "forward", "upper_threshold", "lower_threshold",
+             "tunnel_type", "tunnel_port")
+SCHED_FLAGS = {"sh-fallback": IP_VS_SVC_F_SCHED1, "mh-fallback": IP_VS_SVC_F_SCHED1,
+               "flag-1": IP_VS_SVC_F_SCHED1, "sh-port": IP_VS_SVC_F_SCHED2,
+               "mh-port": IP_VS_SVC_F_SCHED2, "flag-2": IP_VS_SVC_F_SCHED2,
+               "flag-3": IP_VS_SVC_F_SCHED3}
+
+
+def _netmask(value: object, source: str) -> int:
+    if isinstance(value, str) and "." in value:
+        try:
+            net = ipaddress.IPv4Network(f"0.0.0.0/{value.strip()}")
+        except ValueError:
+            raise ModelError(source, "netmask", f"not a netmask: {value!r}") from None
+        return net.prefixlen
+    return parse_int(value, source, "netmask", 1, 128)
+
+
+def _read_service(r: Reader, raw: object, line: int, path: str) -> ServiceState:
+    m = r.mapping(raw, line, path, SERVICE_KEYS)
+    if ("vip" in m) == ("fwmark" in m):
+        raise r.err(m.line, path, "a service needs exactly one of 'vip' (ADDR:PORT) "
+                                  "or 'fwmark'")
+    kw: dict[str, Any] = {}
+    if "vip" in m:
+        for k in ("family",):
+            if k in m:
+                raise r.err(r.at(m, k), f"{path}.{k}", "'family' is only for fwmark "
+                                                       "services (a vip has its own)")
+        addr, port = r.parse(m, "vip", path, lambda s: parse_endpoint(
+            read_str(m["vip"], s, "vip"), s))
+        kw.update(addr=addr, port=port)
+        if "protocol" in m:
+            kw["protocol"] = r.parse(m, "protocol", path,
+                                     lambda s: parse_protocol(read_str(m["protocol"], s,
+                                                                   "protocol"), s))
+    else:
+        if "protocol" in m:
+            raise r.err(r.at(m, "protocol"), f"{path}.protocol",
+                        "a fwmark service matches every protocol; remove 'protocol'")
+        kw["fwmark"] = r.parse(m, "fwmark", path,
+                               lambda s: parse_int(m["fwmark"], s, "fwmark", 1, 0xFFFF_FFFF))
+        fams = {"ipv4": Family.INET, "inet": Family.INET, "ipv6": Family.INET6,
+                "inet6": Family.INET6}
+        fam = m.get("family", "ipv4")
+        if not isinstance(fam, str) or fam.lower() not in fams:
+            raise r.err(r.at(m, "family"), f"{path}.family",
+                        f"unknown family {fam!r} (ipv4 or ipv6)")
+        kw["fwmark_af"] = fams[fam.lower()]
+    if "scheduler" in m:
+        kw["scheduler"] = r.parse(m, "scheduler", path,
+                                  lambda s: read_str(m["scheduler"], s, "scheduler"))
+    if "persistent" in m:
+        kw["persistent"] = r.parse(m, "persistent", path, lambda s: parse_int(
+            m["persistent"], s, "persistent", 0, 0xFFFF_FFFF))
+    if "netmask" in m:
+        kw["netmask"] = r.parse(m, "netmask", path, lambda s: _netmask(m["netmask"], s))
+    if "persistence_engine" in m:
+        kw["pe_name"] = r.parse(m, "persistence_engine", path,
+                                lambda s: read_str(m["persistence_engine"], s, "engine"))
+    if "synproxy" in m:
+        kw["synproxy"] = r.parse(m, "synproxy", path,
+                                 lambda s: read_bool(m["synproxy"], s, "synproxy"))
+    flags = 0
+    if "one_packet" in m and r.parse(m, "one_packet", path,
+                                     lambda s: read_bool(m["one_packet"], s, "one_packet")):
+        flags |= IP_VS_SVC_F_ONEPACKET
+    if "scheduler_flags" in m:
+        seq = r.seq(m["scheduler_flags"], r.at(m, "scheduler_flags"),
+                    f"{path}.scheduler_flags")
+        for i, f in enumerate(seq):
+            if not isinstance(f, str) or f.lower() not in SCHED_FLAGS:
+                raise r.err(seq.item_lines[i], f"{path}.scheduler_flags[{i}]",
+                            f"unknown scheduler flag {f!r} (one of "
+                            f"{', '.join(SCHED_FLAGS)})")
+            flags |= SCHED_FLAGS[f.lower()]
+    kw["flags"] = flags
+    try:
+        svc = Service(**kw)
+    except ModelError as exc:
+        key = {"address": "vip", "port": "vip", "pe_name": "persistence_engine"}.get(
+            exc.field, exc.field)
+        msg = exc.message
+        if exc.field == "port" and kw.get("port") == 0:
+            msg = "port 0 (every port) needs a persistent service ('persistent: SECONDS')"
+        raise r.err(r.at(m, key), f"{path}.{key}", msg) from None
+
+    default_fwd = FwdMethod.MASQ
+    if "forward" in m:
+        default_fwd = r.parse(m, "forward", path, lambda s: FwdMethod.parse(
+            read_str(m["forward"], s, "forward"), s))
+
+    laddrs: list[Laddr] = []
+    if "laddrs" in m:
+        seq = r.seq(m["laddrs"], r.at(m, "laddrs"), f"{path}.laddrs")
+        seen: dict[IPAddress, int] = {}
+        for i, a in enumerate(seq):
+            lpath, lline = f"{path}.laddrs[{i}]", seq.item_lines[i]
+            try:
+                addr = parse_addr(a, "", "laddr")
+            except ModelError as exc:
+                raise r.err(lline, lpath, exc.message) from None
+            if addr.version != (4 if svc.af == Family.INET else 6):
+                raise r.err(lline, lpath, f"laddr {addr} is not of the service's "
+                                          f"family (IPv{4 if svc.af == Family.INET else 6})")
+            if addr in seen:
+                raise r.err(lline, lpath, f"duplicate laddr {addr} (first on line "
+                                          f"{seen[addr]})")
+            seen[addr] = lline
+            laddrs.append(Laddr(addr))
+
+    dests: list[Dest] = []
+    if "real_servers" in m:
+        seq = r.seq(m["real_servers"], r.at(m, "real_servers"), f"{path}.real_servers")
+        dseen: dict[tuple[IPAddress, int], int] = {}
+        for i, raw_d in enumerate(seq):
+            dpath = f"{path}.real_servers[{i}]"
+            dest = _read_dest(r, raw_d, seq.item_lines[i], dpath, svc, default_fwd)
+            dm = cast(YamlMap, raw_d)
+            if (dest.addr, dest.port) in dseen:
+                raise r.err(r.at(dm, "addr"), f"{dpath}.addr",
+                            f"duplicate real server {dest} (first on line "
+                            f"{dseen[(dest.addr, dest.port)]})")
+            dseen[(dest.addr, dest.port)] = r.at(dm, "addr")
+            if svc.synproxy and (why := synproxy_dest_error(dest)):
+                if "forward" in dm:
+                    raise r.err(r.at(dm, "forward"), f"{dpath}.forward", why)
+                raise r.err(r.at(m, "forward"), f"{path}.forward", why)
+            dests.append(dest)
+    return ServiceState(svc, tuple(dests), tuple(laddrs))
+
+
+def _read_dest(r: Reader, raw: object, line: int, path: str, svc: Service,
+               default_fwd: FwdMethod) -> Dest:
+    m = r.mapping(raw, line, path, DEST_KEYS)
+    if "addr" not in m:
+        raise r.err(m.line, path, "a real server needs 'addr' (ADDR or ADDR:PORT)")
+    # ipvsadm's rule: without a port the real server takes the service's.
+    addr, port = r.parse(m, "addr", path, lambda s: parse_endpoint(
+        read_str(m["addr"], s, "addr"), s, default_port=svc.port))
+    kw: dict[str, Any] = {"addr": addr, "port": port, "fwd": default_fwd}
+    if "forward" in m:
+        kw["fwd"] = r.parse(m, "forward", path, lambda s: FwdMethod.parse(
+            read_str(m["forward"], s, "forward"), s))
+    for key, attr in (("weight", "weight"), ("upper_threshold", "u_thresh"),
+                      ("lower_threshold", "l_thresh")):
+        if key in m:
+            value = m[key]
+            kw[attr] = r.parse(m, key, path, partial(int_field, value, key))
+    if "tunnel_type" in m:
+        names = {t.name.lower(): t for t in TunnelType}
+        tt = m["tunnel_type"]
+        if not isinstance(tt, str) or tt.lower() not in names:
+            raise r.err(r.at(m, "tunnel_type"), f"{path}.tunnel_type",
+                        f"unknown tunnel type {tt!r} (ipip, gue or gre)")
+        kw["tun_type"] = names[tt.lower()]
+    if "tunnel_port" in m:
+        kw["tun_port"] = r.parse(m, "tunnel_port", path,
+                                 lambda s: parse_int(m["tunnel_port"], s, "tunnel_port",
+                                                     0, 65535))
+    try:
+        dest = Dest(**kw)
+    except ModelError as exc:
+        key = {"u_thresh": "upper_threshold", "l_thresh": "lower_threshold",
+               "address": "addr", "port": "addr"}.get(exc.field, exc.field)
+        raise r.err(r.at(m, key), f"{path}.{key}", exc.message) from None
+    if dest.af != svc.af and dest.fwd is not FwdMethod.TUNNEL:
+        raise r.err(r.at(m, "addr"), f"{path}.addr",
+                    f"IPv{dest.addr.version} real server behind an IPv"
+                    f"{4 if svc.af == Family.INET else 6} service: only the tunnel "
+                    "method crosses families")
+    return dest
+
+
+def _read_sysctls(r: Reader, raw: object, line: int) -> dict[str, sysctl_mod.Value]:
+    if not isinstance(raw, YamlMap):
+        raise r.err(getattr(raw, "line", line), "sysctl",
+                    f"expected a mapping of net.ipv4.vs knobs, got {typename(raw)}")
+    out: dict[str, sysctl_mod.Value] = {}
+    for key, value in raw.items():
+        kline = raw.key_lines[key]
+        if not isinstance(key, str):
+            raise r.err(kline, f"sysctl.{key}", "not a sysctl name")
+        try:
+            short, val = sysctl_mod.validate(key, value)
+        except sysctl_mod.SysctlError as exc:
+            raise r.err(kline, f"sysctl.{key}", exc.message) from None
+        if short in out:
+            raise r.err(kline, f"sysctl.{key}", f"{short} is set twice")
+        out[short] = val
+    return out
+
+
+def read_secret(path: str, source: str, *, require_root_owner: bool = True) -> bytes:
+    """The 16-byte cookie secret from ``path``: 32 hex digits (a trailing newline
+    is fine) or 16 raw bytes. The file must be a regular file that only its
+    owner (root) can read."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ModelError(source, "cookie_secret_file",
+                         f"cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelError(source, "cookie_secret_file", f"{path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise ModelError(source, "cookie_secret_file",
+                         f"{path} is accessible to group or others (mode "
+                         f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}")
+    if require_root_owner and st.st_uid != 0:
+        raise ModelError(source, "cookie_secret_file",
+                         f"{path} is owned by uid {st.st_uid}, not root; run: "
+                         f"chown root: {path}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(4096)
+    except OSError as exc:
+        raise ModelError(source, "cookie_secret_file",
+                         f"cannot read {path}: {exc.strerror}") from None
+    text = data.strip()
+    if len(text) == 2 * SECRET_LEN:
+        try:
+            return bytes.fromhex(text.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            pass
+    if len(data) == SECRET_LEN:
+        return data
+    raise ModelError(source, "cookie_secret_file",
+                     f"{path} must hold {2 * SECRET_LEN} hex digits or {SECRET_LEN} raw "
+                     f"bytes (got {len(data)} bytes); make one with: "
+                     f"head -c {SECRET_LEN} /dev/urandom | od -An -tx1 | tr -d ' \\n' > {path}")
+
+
+def loads(text: str, filename: str = "<config>", *, require_root_owner: bool = True
+          ) -> Config:
+    """Parse and validate a config; raises :class:`ConfigError`."""
+    r = Reader(filename)
+    doc = parse_yaml(text, filename)
+    if doc is None:
+        doc = YamlMap()
+        doc.line, doc.key_lines = 1, {}
+    top = r.mapping(doc, 1, "", TOP_KEYS)
+    sysctls: dict[str, sysctl_mod.Value] = {}
+    if "sysctl" in top and top["sysctl"] is not None:
+        sysctls = _read_sysctls(r, top["sysctl"], r.at(top, "sysctl"))
+    secret = secret_file = None
+    if "cookie_secret_file" in top:
+        secret_file = r.parse(top, "cookie_secret_file", "", lambda s: read_str(
+            top["cookie_secret_file"], s, "cookie_secret_file"))
+        if not os.path.isabs(secret_file):
+            raise r.err(r.at(top, "cookie_secret_file"), "cookie_secret_file",
+                        f"must be an absolute path, got {secret_file!r}")
+        secret = r.parse(top, "cookie_secret_file", "", lambda s: read_secret(
+            secret_file, s, require_root_owner=require_root_owner))
+    services: list[ServiceState] = []
+    origins: dict[Any, str] = {}
+    if "services" in top and top["services"] is not None:
+        seq = r.seq(top["services"], r.at(top, "services"), "services")
+        for i, raw in enumerate(seq):
+            st = _read_service(r, raw, seq.item_lines[i], f"services[{i}]")
+            key = st.service.key()
+            where = f"{filename}:{seq.item_lines[i]}"
+            if key in origins:
+                raise ConfigError(where, f"services[{i}]",
+                                  f"duplicate service {st.service} (first at "
+                                  f"{origins[key]})")
+            origins[key] = where
+            services.append(st)
+    keepalived = keepalived_settings.read(r, top, services)
+    return Config(filename, State(tuple(services), sysctls), secret, secret_file, origins,
+                  keepalived)
+
+
+def load(path: str, *, require_root_owner: bool = True) -> Config:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(path, "file", exc.strerror or str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "file", f"not UTF-8 text: {exc.reason}") from None
+    return loads(text, path, require_root_owner=require_root_owner)

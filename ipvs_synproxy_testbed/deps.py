@@ -1,0 +1,37 @@
+"""``make deps``: every Debian package the build, the testbed and the tests use.
+
+It gathers each part's own list (the module build, the keepalived build, the
+guest) and installs what is missing with :func:`ipvs_synproxy.build.apt.ensure_debs`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from ipvs_synproxy.build import apt, kmod
+from ipvs_synproxy.build import keepalived as keepalived_build
+from ipvs_synproxy_testbed import vm
+
+# Used only by tests: the initramfs (cpio) and the console's browser test.
+TEST_DEBS = ["cpio", "chromium", "chromium-driver"]
+
+
+def project_debs() -> list[str]:
+    """Every Debian package the build, the testbed and the tests use."""
+    return sorted(set(kmod.BUILD_DEBS) | set(vm.GUEST_DEBS) | set(keepalived_build.BUILD_DEBS)
+                  | set(TEST_DEBS))
+
+
+def main() -> int:
+    """``python -m ipvs_synproxy_testbed.deps``: install what is missing."""
+    try:
+        apt.ensure_debs(project_debs())
+    except (apt.DependencyError, subprocess.CalledProcessError) as exc:
+        print(f"ipvs-synproxy: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Judge a guest test run by its JUnit report, not by an exit status alone.
+
+A run passes only when at least one test executed, none failed or errored and
+none was skipped: a guest test that silently skips is a test that cannot fail.
+Usage: ``python -m ipvs_synproxy_testbed.junit REPORT.xml``
+"""
+
+from __future__ import annotations
+
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Summary:
+    passed: int = 0
+    failed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.passed > 0 and not self.failed and not self.skipped
+
+
+def summarize(xml_text: str) -> Summary:
+    s = Summary()
+    for case in ET.fromstring(xml_text).iter("testcase"):
+        name = f"{case.get('classname', '')}::{case.get('name', '')}"
+        if case.find("failure") is not None or case.find("error") is not None:
+            s.failed.append(name)
+        elif case.find("skipped") is not None:
+            s.skipped.append(name)
+        else:
+            s.passed += 1
+    return s
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    path = Path(argv[1])
+    try:
+        s = summarize(path.read_text())
+    except (OSError, ET.ParseError) as exc:
+        print(f"guest tests: no usable report at {path}: {exc}", file=sys.stderr)
+        return 1
+    for name in s.failed:
+        print(f"guest tests: FAILED {name}", file=sys.stderr)
+    for name in s.skipped:
+        print(f"guest tests: SKIPPED (not allowed) {name}", file=sys.stderr)
+    if s.passed == 0:
+        print("guest tests: no test executed", file=sys.stderr)
+    print(f"guest: {s.passed} passed, {len(s.failed)} failed, {len(s.skipped)} skipped")
+    return 0 if s.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
