@@ -20,9 +20,8 @@ a new connection meets taken ports before it finds a free one.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from ipaddress import ip_address
 from typing import Any
 
@@ -54,17 +53,8 @@ def services() -> tuple[Service, Service]:
     return full, free
 
 
-@contextmanager
-def lb_sysctls(values: dict[str, int]) -> Iterator[None]:
-    keys = {k: f"net.ipv4.vs.{k}" for k in values}
-    old = {k: netns.read_sysctl("lb", key) for k, key in keys.items()}
-    try:
-        for k, v in values.items():
-            netns.write_sysctl("lb", keys[k], v)
-        yield
-    finally:
-        for k, saved in old.items():
-            netns.write_sysctl("lb", keys[k], saved)
+def lb_sysctls(values: dict[str, int]) -> contextlib.AbstractContextManager[None]:
+    return netns.sysctls(("lb",), {f"net.ipv4.vs.{k}": v for k, v in values.items()})
 
 
 def _rs_answer(verdict: str | None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from ipvs_synproxy.kernel.netns import NETNS_RUN_DIR as NETNS_RUN_DIR
 from ipvs_synproxy.kernel.netns import netns as netns
@@ -47,3 +47,18 @@ def read_sysctl(ns: str | None, key: str) -> str:
     ctx = netns(ns) if ns else contextlib.nullcontext()
     with ctx, open(path) as f:
         return f.read().strip()
+
+
+@contextlib.contextmanager
+def sysctls(namespaces: Sequence[str], values: Mapping[str, str | int]) -> Iterator[None]:
+    """Set sysctls (dotted names) in each of ``namespaces`` for the block, then
+    put back what they were, also when the block fails."""
+    old = {(ns, key): read_sysctl(ns, key) for ns in namespaces for key in values}
+    try:
+        for ns in namespaces:
+            for key, value in values.items():
+                write_sysctl(ns, key, value)
+        yield
+    finally:
+        for (ns, key), value in old.items():
+            write_sysctl(ns, key, value)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from ipvs_synproxy.kernel.netlink import IPVS
 from ipvs_synproxy_testbed import netns, peers, topology
 from ipvs_synproxy_testbed.vm import TEST_MARK
 
@@ -67,3 +68,12 @@ def real_servers(topo: None) -> Iterator[dict[str, list[peers.HttpServer]]]:
     for group in servers.values():
         for s in group:
             s.close()
+
+
+@pytest.fixture
+def ipvs(topo: None) -> Iterator[IPVS]:
+    """A netlink connection to lb's IPVS with an empty table, emptied afterwards."""
+    with IPVS(netns="lb") as conn:
+        conn.flush()
+        yield conn
+        conn.flush()

@@ -9,7 +9,6 @@ test_adm_ext.py.
 
 from __future__ import annotations
 
-import io
 import re
 import sys
 import time
@@ -18,30 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from ipvs_synproxy.adm import execute as adm
 from ipvs_synproxy_testbed import netns, peers, topology
 from tests.vm.conftest import ipvsadm
+from tests.vm.helpers import Result, sp
 
 V4, V6 = topology.VIP4, topology.VIP6
 R1, R2 = topology.RS4["rs1"], topology.RS4["rs2"]
 R61, R62 = topology.RS6["rs1"], topology.RS6["rs2"]
 S4 = f"{V4}:80"
 S6 = f"[{V6}]:80"
-
-Result = tuple[int, str, str]
-
-
-def read_conn_in_lb() -> str:
-    with netns.netns("lb"), open("/proc/thread-self/net/ip_vs_conn") as f:
-        return f.read()
-
-
-def sp(*argv: str, stdin: str = "") -> Result:
-    """``ipvs-synproxy adm ARGV`` on the balancer, in process."""
-    out, err = io.StringIO(), io.StringIO()
-    rc = adm.run(list(argv), netns="lb", prog="ipvsadm", stdin=io.StringIO(stdin),
-                 stdout=out, stderr=err, read_conn=read_conn_in_lb)
-    return rc, out.getvalue(), err.getvalue()
 
 
 def real(*argv: str, stdin: str = "") -> Result:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ipvs_synproxy_testbed import topology
 from tests.vm.conftest import ipvsadm
-from tests.vm.test_adm import sp
+from tests.vm.helpers import sp
 
 V4, V6 = topology.VIP4, topology.VIP6
 S4, S6 = f"{V4}:80", f"[{V6}]:80"

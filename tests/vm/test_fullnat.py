@@ -19,55 +19,37 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import pytest
 
 from ipvs_synproxy.kernel.model import Dest, FwdMethod, Service
 from ipvs_synproxy.kernel.netlink import IPVS
 from ipvs_synproxy_testbed import netns, peers, topology
+from tests.vm.helpers import (
+    CLIENT_MAC,
+    IP,
+    LB_MAC,
+    NETS,
+    Capture,
+    Net,
+    eth_frame,
+    ext_stats_file,
+    insmod,
+    lb_sysctls,
+    remove_toa,
+    send_frames,
+    toa_is_loaded,
+    wait_for,
+)
 
-IP = ipaddress.ip_address
 FAMILIES = ("ipv4", "ipv6")
 TOA_KIND = {4: 254, 6: 253}
 TOA_LEN = {4: 8, 6: 20}
 
 
-@dataclass(frozen=True)
-class Net:
-    """The testbed addresses of one IP family."""
-
-    vip: str
-    client: str
-    laddrs: tuple[str, ...]
-    rs: dict[str, str]
-    server_net: str
-
-    @property
-    def version(self) -> int:
-        return IP(self.vip).version
-
-
-NETS = {
-    "ipv4": Net(topology.VIP4, topology.CLIENT4, topology.LADDRS4, topology.RS4,
-                topology.SERVER_NET4),
-    "ipv6": Net(topology.VIP6, topology.CLIENT6, topology.LADDRS6, topology.RS6,
-                topology.SERVER_NET6),
-}
-
-
 # ---- fixtures -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def ipvs(topo: None) -> Iterator[IPVS]:
-    """A netlink connection to lb's IPVS with an empty table, emptied afterwards."""
-    with IPVS(netns="lb") as conn:
-        conn.flush()
-        yield conn
-        conn.flush()
 
 
 def _routes(ns: str) -> list[tuple[str, str]]:
@@ -95,20 +77,6 @@ def no_route_back(topo: None) -> Iterator[None]:
             netns.run(rs, ["ip", fam, "route", "replace", *line.split()])
 
 
-@contextmanager
-def lb_sysctls(**values: int) -> Iterator[None]:
-    """Set net.ipv4.vs.<name> sysctls in lb for the block, then restore them."""
-    keys = {k: f"net.ipv4.vs.{k}" for k in values}
-    old = {k: netns.read_sysctl("lb", key) for k, key in keys.items()}
-    try:
-        for k, v in values.items():
-            netns.write_sysctl("lb", keys[k], v)
-        yield
-    finally:
-        for k, v in old.items():
-            netns.write_sysctl("lb", keys[k], v)
-
-
 def fullnat_service(ipvs: IPVS, net: Net, laddrs: tuple[str, ...],
                     servers: tuple[str, ...] = ("rs1", "rs2"), port: int = 80,
                     rs_port: int | None = None) -> Service:
@@ -120,23 +88,6 @@ def fullnat_service(ipvs: IPVS, net: Net, laddrs: tuple[str, ...],
     for laddr in laddrs:
         ipvs.add_laddr(svc, IP(laddr))
     return svc
-
-
-def ext_stats_file() -> dict[str, int]:
-    """/proc/net/ip_vs_ext_stats of lb: name -> total."""
-    with netns.netns("lb"), open("/proc/net/ip_vs_ext_stats") as f:
-        lines = f.read().splitlines()
-    assert lines[0].split()[:2] == ["counter", "total"], lines[0]
-    return {ln.split()[0]: int(ln.split()[1]) for ln in lines[1:]}
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.2)
-    return cond()
 
 
 # ---- FULLNAT through the real topology ----------------------------------------------------
@@ -266,11 +217,10 @@ def test_laddr_commands_report_errors(ipvs: IPVS) -> None:
 @pytest.fixture
 def toa_ko(topo: None) -> Iterator[None]:
     """The real-server TOA module (kernel_patches/toa) loaded for the test."""
-    from tests.vm.test_toa import _loaded, _rmmod, insmod
-    assert not _loaded()
+    assert not toa_is_loaded()
     insmod()
     yield
-    _rmmod()
+    remove_toa()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -291,37 +241,6 @@ def test_with_toa_ko_the_real_server_sees_the_client(
     # SYN + handshake ACK + first data packet (the ACK had no payload)
     assert after["fullnat_toa_added"] - before["fullnat_toa_added"] >= 3 * len(replies)
     assert after["fullnat_toa_no_space"] == before["fullnat_toa_no_space"]
-
-
-class Capture:
-    """Frames arriving at ``ns``'s ``dev``, collected by a thread (AF_PACKET)."""
-
-    def __init__(self, ns: str, dev: str = "eth0") -> None:
-        with netns.netns(ns):
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-        self.sock.bind((dev, 0))
-        self.sock.settimeout(0.2)
-        self.frames: list[bytes] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, addr = self.sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if addr[2] != socket.PACKET_OUTGOING:
-                self.frames.append(data)
-
-    def stop(self) -> list[bytes]:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
-        return self.frames
 
 
 def _tcp_segments(frames: list[bytes], dport: int) -> list:
@@ -554,18 +473,6 @@ def test_a_port_range_within_lport_tries_is_searched_whole(
 
 # ---- crafted packets ----------------------------------------------------------------------
 
-CLIENT_MAC = "02:00:00:00:01:02"
-LB_MAC = "02:00:00:00:01:01"
-
-
-def _send_frames(frames: list[bytes]) -> None:
-    with netns.netns("client"):
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-    with s:
-        s.bind(("eth0", 0))
-        for f in frames:
-            s.send(f)
-
 
 def _tcp_bytes(sport: int, dport: int, opts: bytes, doff: int | None = None,
                payload: bytes = b"", flags: int = 0x02) -> bytes:
@@ -575,38 +482,12 @@ def _tcp_bytes(sport: int, dport: int, opts: bytes, doff: int | None = None,
     return hdr[:12] + bytes([off << 4]) + hdr[13:] + payload
 
 
-def _frame(version: int, seg: bytes, l4len: int | None = None) -> bytes:
-    """Ethernet frame client -> VIP carrying seg with a correct TCP checksum;
-    l4len, if given, is the transport length the IP header claims."""
-    from scapy.layers.inet import IP as IPv4
-    from scapy.layers.inet import in4_chksum
-    from scapy.layers.inet6 import IPv6, in6_chksum
-    from scapy.layers.l2 import Ether
-    from scapy.packet import Raw
-
-    net = NETS["ipv4" if version == 4 else "ipv6"]
-    if version == 4:
-        l3 = IPv4(src=net.client, dst=net.vip, proto=6)
-        csum = in4_chksum(6, l3, seg)
-    else:
-        l3 = IPv6(src=net.client, dst=net.vip, nh=6)
-        csum = in6_chksum(6, l3, seg)
-    if len(seg) >= 18:
-        seg = seg[:16] + struct.pack("!H", csum) + seg[18:]
-    if l4len is not None:
-        if version == 4:
-            l3.len = 20 + l4len
-        else:
-            l3.plen = l4len
-    return bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / l3 / Raw(seg))
-
-
 def _crafted(version: int, dport: int = 80) -> list[tuple[str, bytes]]:
     """(name, frame) pairs of SYNs that stress header and option parsing."""
     sport = iter(range(41000 + 500 * (version == 6), 42000))
 
     def syn(opts: bytes, doff: int | None = None, payload: bytes = b"") -> bytes:
-        return _frame(version, _tcp_bytes(next(sport), dport, opts, doff, payload))
+        return eth_frame(version, _tcp_bytes(next(sport), dport, opts, doff, payload))
 
     full = (b"\x02\x04\x05\xb4" + b"\x04\x02" + b"\x08\x0a" + b"\0" * 8
             + b"\x01\x03\x03\x07" + b"\x01" * 20)          # 40 bytes, all used
@@ -628,7 +509,7 @@ def _crafted(version: int, dport: int = 80) -> list[tuple[str, bytes]]:
         ("forged TOA with bad length", syn(bytes([TOA_KIND[version], 3, 0, 0]))),
         ("full space with forged TOA", syn((forged_padded + b"\x01" * 40)[:40])),
         ("truncated TCP header",
-         _frame(version, _tcp_bytes(next(sport), dport, b"")[:12], l4len=12)),
+         eth_frame(version, _tcp_bytes(next(sport), dport, b"")[:12], l4len=12)),
     ]
     return frames
 
@@ -642,7 +523,7 @@ def test_crafted_syns_never_oops_and_are_counted(
     before = ipvs.ext_stats()
     frames = _crafted(net.version)
     for _round in range(3):
-        _send_frames([f for _, f in frames])
+        send_frames([f for _, f in frames])
     time.sleep(1)
     after = ipvs.ext_stats()
     delta = {k: after[k] - before[k] for k in after}
@@ -947,25 +828,7 @@ def test_a_client_side_icmp_error_with_a_bad_checksum_goes_no_further(
 def _rs_segment(version: int, src: str, dst: str, seg: bytes, l4len: int | None = None
                 ) -> bytes:
     """Ethernet frame rs1 -> lb (eth1) carrying seg with a correct checksum."""
-    from scapy.layers.inet import IP as IPv4
-    from scapy.layers.inet import in4_chksum
-    from scapy.layers.inet6 import IPv6, in6_chksum
-    from scapy.layers.l2 import Ether
-    from scapy.packet import Raw
-    if version == 4:
-        l3 = IPv4(src=src, dst=dst, proto=6)
-        csum = in4_chksum(6, l3, seg)
-    else:
-        l3 = IPv6(src=src, dst=dst, nh=6)
-        csum = in6_chksum(6, l3, seg)
-    if len(seg) >= 18:
-        seg = seg[:16] + struct.pack("!H", csum) + seg[18:]
-    if l4len is not None:
-        if version == 4:
-            l3.len = 20 + l4len
-        else:
-            l3.plen = l4len
-    return bytes(Ether(src=RS1_MAC, dst=LB_SERVER_MAC) / l3 / Raw(seg))
+    return eth_frame(version, seg, l4len, src=src, dst=dst, macs=(RS1_MAC, LB_SERVER_MAC))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

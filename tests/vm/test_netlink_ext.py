@@ -7,7 +7,6 @@ FULLNAT is tests/vm/test_fullnat.py.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterator
 
@@ -16,8 +15,7 @@ import pytest
 from ipvs_synproxy.kernel import netlink
 from ipvs_synproxy.kernel.model import FwdMethod, Service, make_dest, make_service
 from ipvs_synproxy_testbed import netns, topology
-
-IP = ipaddress.ip_address
+from tests.vm.helpers import IP
 
 
 @pytest.fixture

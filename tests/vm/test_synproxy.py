@@ -10,7 +10,6 @@ nothing is lost or slowed down.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import itertools
 import os
 import random
@@ -25,79 +24,45 @@ from dataclasses import dataclass
 import pytest
 
 from ipvs_synproxy.kernel import cookie
-from ipvs_synproxy.kernel.model import Dest, FwdMethod, Service
+from ipvs_synproxy.kernel.model import FwdMethod
 from ipvs_synproxy.kernel.netlink import IPVS
 from ipvs_synproxy_testbed import netns
-from ipvs_synproxy_testbed import transfer as xfer
 from ipvs_synproxy_testbed.transfer import (  # noqa: F401  (test_synproxy_hardening uses it)
     MB,
     XFER,
     BlobServer,
     ServerProcess,
 )
-from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
+from tests.vm.helpers import (
+    ACK,
+    CWR,
+    ECE,
+    FAMILIES,
+    METHODS,
     NETS,
+    SYN,
     Capture,
     Net,
-    _frame,
-    _send_frames,
+    eth_frame,
     ext_stats_file,
-    ipvs,
     lb_sysctls,
+    ns_sysctls,
+    options_of,
+    read_synacks,
+    send_frames,
+    syn_options,
+    synproxy_service,
+    tcp_of,
+    tcp_seg,
+    transfer,
     wait_for,
 )
-
-IP = ipaddress.ip_address
-FAMILIES = ("ipv4", "ipv6")
-METHODS = {"nat": FwdMethod.MASQ, "fullnat": FwdMethod.FULLNAT}
-SYN, RST, ACK, ECE, CWR = 0x02, 0x04, 0x10, 0x40, 0x80
-
-
-def synproxy_service(conn: IPVS, net: Net, fwd: FwdMethod, port: int = 80,
-                     synproxy: bool = True, servers: tuple[str, ...] = ("rs1", "rs2")
-                     ) -> Service:
-    svc = Service(addr=IP(net.vip), port=port, scheduler="rr", synproxy=synproxy)
-    conn.add_service(svc)
-    for rs in servers:
-        conn.add_dest(svc, Dest(addr=IP(net.rs[rs]), port=port, fwd=fwd, weight=1))
-    if fwd is FwdMethod.FULLNAT:
-        for laddr in net.laddrs:
-            conn.add_laddr(svc, IP(laddr))
-    return svc
-
-
-def _seg(sport: int, dport: int, seq: int, ack: int, flags: int, opts: bytes = b"",
-         payload: bytes = b"", window: int = 64240) -> bytes:
-    hdr = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
-                      (20 + len(opts)) // 4 << 4, flags, window, 0, 0)
-    return hdr + opts + payload
-
-
-def _tcp_of(frame: bytes):
-    from scapy.layers.inet import TCP
-    from scapy.layers.l2 import Ether
-
-    pkt = Ether(frame)
-    return pkt if TCP in pkt else None
-
-
-def _synacks(frames: list[bytes]) -> dict[int, object]:
-    """SYN/ACKs from port 80 in frames, by destination port."""
-    from scapy.layers.inet import TCP
-
-    out = {}
-    for f in frames:
-        pkt = _tcp_of(f)
-        if pkt is not None and pkt[TCP].sport == 80 and pkt[TCP].flags.S \
-                and pkt[TCP].flags.A:
-            out[pkt[TCP].dport] = pkt
-    return out
 
 
 def _tcp_to_port(frames: list[bytes], port: int) -> list:
     from scapy.layers.inet import TCP
 
-    return [p for p in map(_tcp_of, frames) if p is not None and p[TCP].dport == port]
+    return [p for p in map(tcp_of, frames) if p is not None and p[TCP].dport == port]
 
 
 # ---- the handshake ------------------------------------------------------------------------
@@ -106,7 +71,7 @@ def _tcp_to_port(frames: list[bytes], port: int) -> list:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_the_real_server_sees_nothing_before_a_valid_cookie_ack(
-        ipvs: IPVS, family: str, method: str) -> None:  # noqa: F811
+        ipvs: IPVS, family: str, method: str) -> None:
     from scapy.layers.inet import TCP
 
     net = NETS[family]
@@ -115,18 +80,18 @@ def test_the_real_server_sees_nothing_before_a_valid_cookie_ack(
     before = ext_stats_file()
     client, rs1, rs2 = Capture("client"), Capture("rs1"), Capture("rs2")
     try:
-        _send_frames([_frame(net.version, _seg(sport, 80, isn, 0, SYN,
+        send_frames([eth_frame(net.version, tcp_seg(sport, 80, isn, 0, SYN,
                                                  b"\x02\x04\x05\xb4"))])
-        assert wait_for(lambda: sport in _synacks(client.frames), 5), \
+        assert wait_for(lambda: sport in read_synacks(client.frames), 5), \
             "no SYN/ACK from the VIP"
-        synack = _synacks(client.frames)[sport][TCP]
+        synack = read_synacks(client.frames)[sport][TCP]
         assert synack.ack == isn + 1
         time.sleep(1.0)
         assert _tcp_to_port(rs1.frames + rs2.frames, 80) == [], \
             "a real server saw the connection before the client's ACK"
 
         # Forged ACKs (the 24 integrity bits wrong) never reach a real server
-        _send_frames([_frame(net.version, _seg(sport, 80, isn + 1,
+        send_frames([eth_frame(net.version, tcp_seg(sport, 80, isn + 1,
                                                (synack.seq + 1) ^ bad, ACK))
                       for bad in (0x100, 0x800000, 0x80000000)])
         time.sleep(1.5)
@@ -134,7 +99,7 @@ def test_the_real_server_sees_nothing_before_a_valid_cookie_ack(
         assert ext_stats_file()["synproxy_ack_invalid"] > before["synproxy_ack_invalid"]
 
         # The right one opens the real server side with a SYN
-        _send_frames([_frame(net.version, _seg(sport, 80, isn + 1, synack.seq + 1, ACK))])
+        send_frames([eth_frame(net.version, tcp_seg(sport, 80, isn + 1, synack.seq + 1, ACK))])
         assert wait_for(lambda: any(p[TCP].flags == "S" for p in
                                     _tcp_to_port(rs1.frames + rs2.frames, 80)), 5)
     finally:
@@ -148,7 +113,7 @@ def test_the_real_server_sees_nothing_before_a_valid_cookie_ack(
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_without_the_flag_the_real_server_sees_the_syn_at_once(
-        ipvs: IPVS, family: str) -> None:  # noqa: F811
+        ipvs: IPVS, family: str) -> None:
     """The capture above would see a SYN: the proxy is what keeps it away."""
     from scapy.layers.inet import TCP
 
@@ -156,7 +121,7 @@ def test_without_the_flag_the_real_server_sees_the_syn_at_once(
     synproxy_service(ipvs, net, FwdMethod.FULLNAT, synproxy=False)
     rs1, rs2 = Capture("rs1"), Capture("rs2")
     try:
-        _send_frames([_frame(net.version, _seg(40200, 80, 777, 0, SYN))])
+        send_frames([eth_frame(net.version, tcp_seg(40200, 80, 777, 0, SYN))])
         assert wait_for(lambda: any(p[TCP].flags == "S" for p in
                                     _tcp_to_port(rs1.frames + rs2.frames, 80)), 5)
     finally:
@@ -165,26 +130,6 @@ def test_without_the_flag_the_real_server_sees_the_syn_at_once(
 
 
 # ---- the cookie ---------------------------------------------------------------------------
-
-
-def _syn_options(mss: int | None, ws: int | None, sack: bool, ts: bool,
-                 tsval: int = 4242) -> bytes:
-    o = b""
-    if mss is not None:
-        o += struct.pack("!BBH", 2, 4, mss)
-    if sack:
-        o += b"\x04\x02"
-    if ts:
-        o += struct.pack("!BBII", 8, 10, tsval, 0)
-    if ws is not None:
-        o += struct.pack("!BBB", 3, 3, ws)
-    return o + b"\x01" * (-len(o) % 4)
-
-
-def _options_of(synack) -> dict[str, object]:
-    from scapy.layers.inet import TCP
-
-    return dict((k, v) for k, v in synack[TCP].options)
 
 
 def _answers(frames: dict[int, bytes], cap: Capture, timeout: float = 20,
@@ -199,7 +144,7 @@ def _answers(frames: dict[int, bytes], cap: Capture, timeout: float = 20,
         nonlocal parsed
         new = cap.frames[parsed:]
         parsed += len(new)
-        got.update(_synacks(new))
+        got.update(read_synacks(new))
         return got.keys() >= frames.keys()
 
     for _ in range(rounds):
@@ -207,7 +152,7 @@ def _answers(frames: dict[int, bytes], cap: Capture, timeout: float = 20,
         if not missing:
             break
         for k in range(0, len(missing), 40):
-            _send_frames(missing[k:k + 40])
+            send_frames(missing[k:k + 40])
             time.sleep(0.3)
         wait_for(all_answered, timeout)
     return got
@@ -220,7 +165,7 @@ ECN_SYNS = {"none": 0, "ece+cwr": ECE | CWR, "ece": ECE, "cwr": CWR}
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
-def test_the_cookie_keeps_the_clients_options(ipvs: IPVS, method: str,  # noqa: F811
+def test_the_cookie_keeps_the_clients_options(ipvs: IPVS, method: str,
                                               family: str) -> None:
     """Every combination of MSS class, window scale, SACK and ECN, with and
     without timestamps, decodes from the ISN with the Python reference; the
@@ -244,8 +189,8 @@ def test_the_cookie_keeps_the_clients_options(ipvs: IPVS, method: str,  # noqa: 
     frames, expect = {}, {}
     for i, (mss, ws, sack, ecn, ts) in enumerate(combos):
         sport, isn, tsval = base + i, random.getrandbits(32), random.getrandbits(32)
-        frames[sport] = _frame(net.version, _seg(sport, 80, isn, 0, SYN | ECN_SYNS[ecn],
-                                                 _syn_options(mss, ws, sack, ts, tsval)))
+        frames[sport] = eth_frame(net.version, tcp_seg(sport, 80, isn, 0, SYN | ECN_SYNS[ecn],
+                                                 syn_options(mss, ws, sack, ts, tsval)))
         want = cookie.SynOptions(mss=cookie.MSS_TABLE[cookie.mss_index(mss or 536)],
                                  wscale=None if ws is None else min(ws, 14),
                                  sack=sack, ecn=ecn == "ece+cwr")
@@ -267,7 +212,7 @@ def test_the_cookie_keeps_the_clients_options(ipvs: IPVS, method: str,  # noqa: 
         got = cookie.check_cookie(keys, net.client, net.vip, sport, 80, isn + 1,
                                   synack[TCP].seq + 1)
         assert got == want, (sport, want, got)
-        opts = _options_of(synack)
+        opts = options_of(synack)
         assert ("Timestamp" in opts) == (tsval is not None), (sport, opts)
         if tsval is not None:
             assert opts["Timestamp"][1] == tsval, (sport, "TSecr is not the client's TSval")
@@ -291,44 +236,28 @@ def test_the_cookie_keeps_the_clients_options(ipvs: IPVS, method: str,  # noqa: 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_syn_ack_options_follow_the_sysctls(ipvs: IPVS, family: str) -> None:  # noqa: F811
+def test_syn_ack_options_follow_the_sysctls(ipvs: IPVS, family: str) -> None:
     from scapy.layers.inet import TCP
 
     net = NETS[family]
     synproxy_service(ipvs, net, FwdMethod.FULLNAT)
-    opts = _syn_options(1460, 7, True, True)
+    opts = syn_options(1460, 7, True, True)
     with lb_sysctls(synproxy_sack=0, synproxy_timestamp=0, synproxy_wscale=12,
                     synproxy_mss=1400):
         cap = Capture("client")
         try:
-            _send_frames([_frame(net.version, _seg(40300, 80, 1, 0, SYN, opts))])
-            assert wait_for(lambda: 40300 in _synacks(cap.frames), 5)
+            send_frames([eth_frame(net.version, tcp_seg(40300, 80, 1, 0, SYN, opts))])
+            assert wait_for(lambda: 40300 in read_synacks(cap.frames), 5)
         finally:
             cap.stop()
-    got = _options_of(_synacks(cap.frames)[40300])
+    got = options_of(read_synacks(cap.frames)[40300])
     assert "SAckOK" not in got and "Timestamp" not in got
     assert got["WScale"] == 12
     assert got["MSS"] == (1400 if net.version == 4 else 1400 - 32)
-    assert _synacks(cap.frames)[40300][TCP].window == 65535
+    assert read_synacks(cap.frames)[40300][TCP].window == 65535
 
 
 # ---- real transfers -----------------------------------------------------------------------
-
-def transfer(net: Net, port: int, direction: str, n: int = XFER, check: bool = True) -> float:
-    """One transfer through the VIP of ``net`` (:func:`xfer.transfer`); its rate in MB/s.
-
-    A transfer that fails carries what lb and the client knew at that moment
-    (counters that moved, IPVS connections; a stall adds the client socket's view): CI keeps
-    only the report, and a one-in-a-hundred stall cannot be rerun to look."""
-    before = ext_stats_file()
-    try:
-        return xfer.transfer(net.vip, port, direction, n, check)
-    except OSError as exc:
-        after = ext_stats_file()
-        moved = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
-        exc.add_note(f"lb counters moved: {moved}")
-        exc.add_note("lb: " + netns.run("lb", ["ipvsadm", "-Lnc"], check=False).stdout)
-        raise
 
 
 @pytest.fixture(scope="module")
@@ -339,20 +268,6 @@ def blob_servers(topo: None) -> Iterator[ServerProcess]:
              for rs in ("rs1", "rs2") for a in (NETS[f].rs[rs] for f in FAMILIES)]
     with ServerProcess(specs) as proc:
         yield proc
-
-
-@contextmanager
-def ns_sysctls(namespaces: tuple[str, ...], **values: str) -> Iterator[None]:
-    """net.ipv4.<name> sysctls in the given namespaces for the block."""
-    old = {(ns, k): netns.read_sysctl(ns, f"net.ipv4.{k}") for ns in namespaces for k in values}
-    try:
-        for ns in namespaces:
-            for k, v in values.items():
-                netns.write_sysctl(ns, f"net.ipv4.{k}", v)
-        yield
-    finally:
-        for (ns, k), v in old.items():
-            netns.write_sysctl(ns, f"net.ipv4.{k}", v)
 
 
 @contextmanager
@@ -457,7 +372,7 @@ def _handshakes(pcap: str) -> list:
     from scapy.layers.inet import TCP
     from scapy.utils import RawPcapReader
 
-    return [pkt[TCP] for pkt in (_tcp_of(f) for f, _ in RawPcapReader(pcap))
+    return [pkt[TCP] for pkt in (tcp_of(f) for f, _ in RawPcapReader(pcap))
             if pkt is not None and pkt[TCP].flags.S]
 
 
@@ -498,7 +413,7 @@ def _check_handshakes_on_the_wire(sc: Scenario, pcaps: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize(("method", "family", "scenario"), TRANSFER_CASES)
-def test_transfers_arrive_intact(ipvs: IPVS, blob_servers: None, method: str,  # noqa: F811
+def test_transfers_arrive_intact(ipvs: IPVS, blob_servers: None, method: str,
                                  family: str, scenario: str,
                                  tmp_path: os.PathLike[str]) -> None:
     """50 MB each way, hashed, with the window scales and timestamps of the
@@ -541,7 +456,7 @@ def on_one_vcpu(proc: ServerProcess, cpu: int = 0) -> Iterator[None]:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_throughput_is_at_least_80_percent_of_the_same_service_without_proxy(
-        ipvs: IPVS, blob_servers: ServerProcess, method: str,  # noqa: F811
+        ipvs: IPVS, blob_servers: ServerProcess, method: str,
         family: str) -> None:
     """Measured in the same run, interleaved over five rounds, median of each,
     with both ends on one vCPU (the guest is emulated and a busy host slows
@@ -566,7 +481,7 @@ def test_throughput_is_at_least_80_percent_of_the_same_service_without_proxy(
     assert not short, "; ".join(short)
 
 
-def _measure_rates(ipvs: IPVS, net: Net, method: str,  # noqa: F811
+def _measure_rates(ipvs: IPVS, net: Net, method: str,
                    rates: dict[tuple[bool, str], list[float]]) -> None:
     for _ in range(5):
         for synproxy in (False, True):
@@ -680,7 +595,7 @@ LOSSY_XFER = XFER
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_sack_blocks_reach_the_server_in_its_own_numbers(
-        ipvs: IPVS, blob_servers: None, method: str, family: str,  # noqa: F811
+        ipvs: IPVS, blob_servers: None, method: str, family: str,
         tmp_path: os.PathLike[str]) -> None:
     """Download under 3 % loss toward the client: the client's SACK blocks are
     rewritten into the real server's sequence numbers, and the transfer arrives
@@ -701,7 +616,7 @@ def test_sack_blocks_reach_the_server_in_its_own_numbers(
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_sack_blocks_reach_the_client_in_its_own_numbers(
-        ipvs: IPVS, blob_servers: None, method: str, family: str,  # noqa: F811
+        ipvs: IPVS, blob_servers: None, method: str, family: str,
         tmp_path: os.PathLike[str]) -> None:
     """Upload under 3 % loss toward the real server: the real server's SACK
     blocks reach the client inside the data the client sent, and the upload
@@ -735,7 +650,7 @@ def client_sysctl(name: str, value: int) -> Iterator[None]:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_the_ack_storm_filter_leaves_newreno_loss_recovery_alone(
-        ipvs: IPVS, blob_servers: None, method: str, family: str) -> None:  # noqa: F811
+        ipvs: IPVS, blob_servers: None, method: str, family: str) -> None:
     """Without SACK a lost segment makes the client send one identical pure ACK
     (a duplicate ACK) for every segment after it, dozens within a round trip:
     that is loss recovery, not a storm. Downloads under 1 % loss (a larger

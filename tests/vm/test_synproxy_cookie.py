@@ -19,30 +19,23 @@ from ipvs_synproxy.kernel import cookie
 from ipvs_synproxy.kernel.model import FwdMethod
 from ipvs_synproxy.kernel.netlink import IPVS
 from ipvs_synproxy_testbed import netns, peers
-from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
-    NETS,
-    Capture,
-    _frame,
-    _send_frames,
-    ext_stats_file,
-    ipvs,
-    lb_sysctls,
-    wait_for,
-)
-from tests.vm.test_synproxy import (
-    ACK,
+from tests.vm.helpers import (
     FAMILIES,
     METHODS,
-    SYN,
-    _options_of,
-    _seg,
-    _syn_options,
-    _synacks,
+    NETS,
+    Capture,
+    CraftedClient,
+    delta,
+    ext_stats_file,
+    lb_sysctls,
+    nft,
+    options_of,
+    read_synacks,
+    syn_options,
     synproxy_service,
+    wait_for,
 )
-from tests.vm.test_synproxy_hardening import delta, nft
 
-PSH, RST = 0x08, 0x04
 REQUEST = b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n"
 
 
@@ -63,51 +56,13 @@ def _syn_at_rs(frames: list[bytes], port: int) -> bool:
                for f in frames)
 
 
-class CraftedClient:
-    """One handshake from sport, played with frames; SYN/ACKs read off the wire."""
-
-    def __init__(self, net, sport: int, isn: int) -> None:
-        self.net, self.sport, self.isn = net, sport, isn
-        self.cap = Capture("client")
-        self.synack = None
-        self.acked, self.sent = False, 0
-
-    def syn(self, opts: bytes) -> None:
-        _send_frames([_frame(self.net.version, _seg(self.sport, 80, self.isn, 0, SYN, opts))])
-        assert wait_for(lambda: self.sport in _synacks(self.cap.frames), 20), \
-            f"no SYN/ACK for the SYN from port {self.sport}"
-        self.synack = _synacks(self.cap.frames)[self.sport]
-
-    @property
-    def cookie(self) -> int:
-        from scapy.layers.inet import TCP
-
-        return int(self.synack[TCP].seq)
-
-    def ack(self, opts: bytes = b"", payload: bytes = b"") -> None:
-        _send_frames([_frame(self.net.version,
-                             _seg(self.sport, 80, self.isn + 1, self.cookie + 1,
-                                  ACK | (PSH if payload else 0), opts, payload))])
-        self.sent = max(self.sent, len(payload))
-        self.acked = True
-
-    def close(self) -> list[bytes]:
-        """Stop capturing; a handshake that was completed is reset, so that its
-        connection does not linger at the real server into later tests."""
-        if self.acked:
-            _send_frames([_frame(self.net.version,
-                                 _seg(self.sport, 80, self.isn + 1 + self.sent,
-                                      self.cookie + 1, RST | ACK, b""))])
-        return self.cap.stop()
-
-
 def _ts(tsval: int, tsecr: int) -> bytes:
     return b"\x01\x01\x08\x0a" + tsval.to_bytes(4, "big") + tsecr.to_bytes(4, "big")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
-def test_a_timestamp_ack_must_echo_the_tsval_bits(ipvs: IPVS, real_servers: dict,  # noqa: F811
+def test_a_timestamp_ack_must_echo_the_tsval_bits(ipvs: IPVS, real_servers: dict,
                                                   method: str, family: str) -> None:
     """The SYN/ACK's TSval carries 8 bits of the cookie (checked against the
     Python reference); an ACK with the right ISN but another low TSecr byte is
@@ -125,8 +80,8 @@ def test_a_timestamp_ack_must_echo_the_tsval_bits(ipvs: IPVS, real_servers: dict
         peer = CraftedClient(net, sport, isn)
         rs1, rs2 = Capture("rs1"), Capture("rs2")
         try:
-            peer.syn(_syn_options(1460, 7, True, True, tsval=1000))
-            ours, echoed = _options_of(peer.synack)["Timestamp"]
+            peer.syn(syn_options(1460, 7, True, True, tsval=1000))
+            ours, echoed = options_of(peer.synack)["Timestamp"]
             assert echoed == 1000
             keys = _keys(secret)
             assert cookie.check_cookie(keys, net.client, net.vip, sport, 80, isn + 1,
@@ -155,7 +110,7 @@ def test_a_timestamp_ack_must_echo_the_tsval_bits(ipvs: IPVS, real_servers: dict
 @pytest.mark.parametrize("timestamps", [1, 0])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_real_clients_connect_with_the_proxys_timestamps_on_and_off(
-        ipvs: IPVS, real_servers: dict, family: str, timestamps: int) -> None:  # noqa: F811
+        ipvs: IPVS, real_servers: dict, family: str, timestamps: int) -> None:
     """Linux clients (timestamps on) are served either way; with
     synproxy_timestamp on every SYN/ACK's TSval carries the cookie's bits, and
     no ACK of theirs is ever refused for them."""
@@ -170,7 +125,7 @@ def test_real_clients_connect_with_the_proxys_timestamps_on_and_off(
             served = [peers.http_get(net.vip, 80, timeout=20).server for _ in range(10)]
         time.sleep(0.5)
     finally:
-        synacks = _synacks(at_client.stop())
+        synacks = read_synacks(at_client.stop())
         syns = _client_syns(at_lb.stop())
     assert sorted(set(served)) == ["rs1", "rs2"]
     assert delta(before, "synproxy_ack_valid") >= 10
@@ -179,7 +134,7 @@ def test_real_clients_connect_with_the_proxys_timestamps_on_and_off(
     assert len(synacks) >= 10
     keys = _keys(secret)
     for sport, synack in synacks.items():
-        opts = _options_of(synack)
+        opts = options_of(synack)
         assert ("Timestamp" in opts) == bool(timestamps), (sport, opts)
         if timestamps:
             from scapy.layers.inet import TCP
@@ -228,7 +183,7 @@ def _first_data(frames: list[bytes], sport: int, dport: int | None = None):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_the_announced_window_scale_holds_when_the_sysctl_changes_before_the_ack(
-        ipvs: IPVS, real_servers: dict, method: str) -> None:  # noqa: F811
+        ipvs: IPVS, real_servers: dict, method: str) -> None:
     """The SYN/ACK announces synproxy_wscale 7; it is set to 2 before the
     client's ACK. The key that validates the ACK is the one made for 7, and the
     real server's windows reach the client scaled for 7: the window the client
@@ -242,8 +197,8 @@ def test_the_announced_window_scale_holds_when_the_sysctl_changes_before_the_ack
         peer = CraftedClient(net, sport, isn)
         from_rs = Capture("lb", "eth1")     # what the real servers send lb
         try:
-            peer.syn(_syn_options(1460, 7, True, False))
-            assert _options_of(peer.synack)["WScale"] == 7
+            peer.syn(syn_options(1460, 7, True, False))
+            assert options_of(peer.synack)["WScale"] == 7
             before = ext_stats_file()
             with lb_sysctls(synproxy_wscale=2):
                 peer.ack(payload=REQUEST)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
-import ipaddress
 import os
 import random
 import socket
@@ -44,24 +43,31 @@ from ipvs_synproxy.kernel.model import FwdMethod
 from ipvs_synproxy.kernel.netlink import IPVS
 from ipvs_synproxy_testbed import flood, netns
 from ipvs_synproxy_testbed.transfer import recv_exact
-from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
+from tests.vm.helpers import (
+    ACK,
     CLIENT_MAC,
+    CWR,
+    ECE,
+    FAMILIES,
+    FIN,
+    IP,
     LB_MAC,
-    LB_SERVER_MAC,
+    METHODS,
     NETS,
-    RS1_MAC,
-    TOA_KIND,
+    PSH,
+    RST,
+    SYN,
+    URG,
     Capture,
     Net,
+    dmesg_lines,
+    duplicate_conns,
     ext_stats_file,
-    ipvs,
+    kernel_complaints,
+    synproxy_service,
     wait_for,
 )
-from tests.vm.test_synproxy import FAMILIES, METHODS, synproxy_service
-from tests.vm.test_synproxy_hardening import dmesg_lines, duplicate_conns, kernel_complaints
-
-IP = ipaddress.ip_address
-FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
+from tests.vm.test_fullnat import LB_SERVER_MAC, RS1_MAC, TOA_KIND
 
 SEED = int(os.environ.get("SP_FUZZ_SEED") or random.SystemRandom().randrange(1 << 32))
 TAG = f"[fuzz seed {SEED}; replay: SP_FUZZ_SEED={SEED}]"
@@ -542,7 +548,7 @@ def _describe(s: Spoofed) -> str:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_spoofed_fuzz_opens_nothing_but_valid_cookies(ipvs: IPVS, family: str) -> None:  # noqa: F811
+def test_spoofed_fuzz_opens_nothing_but_valid_cookies(ipvs: IPVS, family: str) -> None:
     """50,000 random segments from spoofed sources to a NAT (port 80) and a
     FULLNAT (port 81) SYN-proxy service: no connection and no packet at a
     real server but for a valid cookie; every segment counted exactly once;
@@ -827,7 +833,7 @@ def _live_segment(rng: random.Random, path: Path, sport: int, dport: int, snd_nx
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
-def test_fuzz_on_a_live_connection_leaves_it_intact(ipvs: IPVS, method: str,  # noqa: F811
+def test_fuzz_on_a_live_connection_leaves_it_intact(ipvs: IPVS, method: str,
                                                     family: str) -> None:
     """Thousands of fuzzed segments with a live proxied connection's own tuple,
     from the client's side and the real server's: afterwards it still echoes

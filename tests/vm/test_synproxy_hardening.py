@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import ipaddress
 import socket
 import struct
 import subprocess
@@ -24,51 +23,39 @@ from ipvs_synproxy.kernel.model import FwdMethod
 from ipvs_synproxy.kernel.netlink import IPVS
 from ipvs_synproxy_testbed import flood, netns, peers, topology
 from ipvs_synproxy_testbed.transfer import BLOB, BlobServer, recv_exact
-from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
+from tests.vm.helpers import (
+    ACK,
     CLIENT_MAC,
+    FAMILIES,
+    FIN,
     LB_MAC,
+    METHODS,
     NETS,
+    RST,
+    SYN,
     Capture,
-    _frame,
-    _send_frames,
+    CraftedClient,
+    conn_states,
+    delta,
+    dmesg_lines,
+    duplicate_conns,
+    eth_frame,
     ext_stats_file,
-    ipvs,
+    kernel_complaints,
     lb_sysctls,
+    nft,
+    ns_sysctls,
+    read_synacks,
+    send_frames,
+    synproxy_service,
+    tcp_seg,
+    tcp_segments,
+    transfer,
     wait_for,
 )
-from tests.vm.test_synproxy import (
-    ACK,
-    FAMILIES,
-    METHODS,
-    SYN,
-    _seg,
-    _synacks,
-    ns_sysctls,
-    synproxy_service,
-    transfer,
-)
 
-IP = ipaddress.ip_address
 NET4 = NETS["ipv4"]
 REQUEST = b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n"
-RST, FIN = 0x04, 0x01
-
-
-def _tcp_segments(frames: list[bytes], dport: int) -> list:
-    """The TCP layers of frames to dport."""
-    from scapy.layers.inet import TCP
-    from scapy.layers.l2 import Ether
-
-    out = []
-    for f in frames:
-        pkt = Ether(f)
-        if TCP in pkt and pkt[TCP].dport == dport:
-            out.append(pkt[TCP])
-    return out
-
-
-def delta(before: dict[str, int], name: str) -> int:
-    return ext_stats_file()[name] - before[name]
 
 
 def http(port: int = 80, sport: int = 0, timeout: float = 5.0, send: bool = True,
@@ -92,63 +79,10 @@ def http(port: int = 80, sport: int = 0, timeout: float = 5.0, send: bool = True
         return out
 
 
-def conn_states(sport: int, client: str = topology.CLIENT4, vport: int = 0) -> list[str]:
-    """States of lb's connections from client:sport (to virtual port vport, if
-    given: a real client's port may also be in use towards another one)."""
-    out = netns.run("lb", ["ipvsadm", "-Lnc"]).stdout
-    name = f"[{client}]:{sport} " if ":" in client else f"{client}:{sport} "
-    return [ln.split()[2] for ln in out.splitlines() if name in ln
-            and (not vport or ln.split()[4].endswith(f":{vport}"))]
-
-
-@contextmanager
-def nft(ns: str, rules: str, hook: str = "input") -> Iterator[None]:
-    """An nft table ``t`` in ns with a chain on hook holding rules."""
-    script = (f"table inet t {{\n  chain c {{\n    type filter hook {hook} priority 0;\n"
-              f"    {rules}\n  }}\n}}\n")
-    res = subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=script,
-                         text=True, capture_output=True, check=False)
-    assert res.returncode == 0, f"nft: {res.stderr}"
-    try:
-        yield
-    finally:
-        subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "t"],
-                       check=False)
-
-
 def conn_count() -> int:
     """Entries in lb's connection table."""
     out = netns.run("lb", ["ipvsadm", "-Lnc"]).stdout
     return sum(1 for ln in out.splitlines() if ln.startswith(("TCP", "UDP")))
-
-
-def duplicate_conns() -> list[str]:
-    """Client address:port pairs with more than one entry in lb's table."""
-    out = netns.run("lb", ["ipvsadm", "-Lnc"]).stdout
-    seen: dict[tuple[str, str], int] = {}
-    for ln in out.splitlines():
-        f = ln.split()
-        if ln.startswith("TCP") and len(f) >= 5:
-            seen[(f[3], f[4])] = seen.get((f[3], f[4]), 0) + 1
-    return [f"{c} -> {v}" for (c, v), n in seen.items() if n > 1]
-
-
-COMPLAINTS = ("WARNING:", "BUG:", "BUG ", "Oops", "Objects remaining", "kmemleak",
-              "general protection", "refcount_t", "Poison overwritten", "still has objects")
-
-
-def dmesg_lines() -> list[str]:
-    return subprocess.run(["dmesg"], capture_output=True, text=True,
-                          check=True).stdout.splitlines()
-
-
-def kernel_complaints(before: list[str]) -> list[str]:
-    """Kernel log lines after ``before`` (an earlier dmesg_lines()) that complain."""
-    now = dmesg_lines()
-    start = len(before)
-    if before and (len(now) < start or now[start - 1] != before[-1]):
-        start = now.index(before[-1]) + 1 if before[-1] in now else 0   # the ring wrapped
-    return [ln for ln in now[start:] if any(c in ln for c in COMPLAINTS)]
 
 
 def ip_vs_conn_objects() -> int:
@@ -187,7 +121,7 @@ class RawPeer:
 
     def handshake(self, isn: int) -> int:
         """SYN with isn, the VIP's cookie SYN/ACK, the ACK; the cookie."""
-        _send_frames([_frame(4, _seg(self.sport, self.dport, isn, 0, SYN,
+        send_frames([eth_frame(4, tcp_seg(self.sport, self.dport, isn, 0, SYN,
                                      b"\x02\x04\x05\xb4"))])
         assert wait_for(lambda: self._synack(isn) is not None, 20), \
             f"no SYN/ACK for the SYN from port {self.sport}"
@@ -197,13 +131,13 @@ class RawPeer:
         return cookie
 
     def send(self, flags: int, payload: bytes = b"") -> None:
-        _send_frames([_frame(4, _seg(self.sport, self.dport, self.seq, self.ack, flags,
+        send_frames([eth_frame(4, tcp_seg(self.sport, self.dport, self.seq, self.ack, flags,
                                      payload=payload))])
         self.seq += len(payload) + bool(flags & (SYN | FIN))
 
 
 def _syns_to(frames: list[bytes], port: int) -> list:
-    return [p for p in _tcp_segments(frames, port) if p.flags == "S"]
+    return [p for p in tcp_segments(frames, port) if p.flags == "S"]
 
 
 # ---- session reuse ------------------------------------------------------------------------
@@ -230,7 +164,7 @@ def reuse_deltas(before: dict[str, int]) -> dict[str, int]:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("mode", REUSE_MODES)
 def test_reconnecting_from_the_same_port_in_time_wait(
-        ipvs: IPVS, real_servers: dict, method: str, mode: str) -> None:  # noqa: F811
+        ipvs: IPVS, real_servers: dict, method: str, mode: str) -> None:
     """A real client that closed and reconnects from the same port at once."""
     synproxy_service(ipvs, NET4, METHODS[method])
     sport = 47000 + 3 * (method == "fullnat") + REUSE_MODES.index(mode)
@@ -271,7 +205,7 @@ INTO_STATE = {"CLOSE": _into_close, "CLOSE_WAIT": _into_close_wait,
 @pytest.mark.parametrize("mode", REUSE_MODES)
 @pytest.mark.parametrize("state", INTO_STATE)
 def test_a_new_handshake_replaces_a_closing_connection(
-        ipvs: IPVS, holder: Holder, state: str, mode: str) -> None:  # noqa: F811
+        ipvs: IPVS, holder: Holder, state: str, mode: str) -> None:
     """The old connection is driven into state, then the client reconnects
     from the same port with a new ISN (so a new cookie): the balancer opens a
     new real server connection, unless reuse from that state is off."""
@@ -314,7 +248,7 @@ def test_a_new_handshake_replaces_a_closing_connection(
 
 @pytest.mark.parametrize("state", INTO_STATE)
 def test_a_new_handshake_from_inside_the_old_sequence_space_replaces_it(
-        ipvs: IPVS, holder: Holder, state: str) -> None:  # noqa: F811
+        ipvs: IPVS, holder: Holder, state: str) -> None:
     """A client whose old connection sent faster than its ISN clock moves
     (Linux: one per 64 ns) reconnects from an ISN just behind the old
     connection's highest sequence number. Its ACK answers the SYN lb saw on
@@ -341,7 +275,7 @@ def test_a_new_handshake_from_inside_the_old_sequence_space_replaces_it(
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_client_that_switched_timestamps_off_reconnects_from_the_same_port(
-        ipvs: IPVS, real_servers: dict, method: str) -> None:  # noqa: F811
+        ipvs: IPVS, real_servers: dict, method: str) -> None:
     """The old connection used timestamps, the new one from the same port
     does not (seen in CI: the transfer tests switch the client's timestamps
     between cases and its ports come round again): still session reuse."""
@@ -359,7 +293,7 @@ def test_a_client_that_switched_timestamps_off_reconnects_from_the_same_port(
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_a_client_that_lost_its_connection_reconnects_from_the_same_port(
-        ipvs: IPVS, real_servers: dict, method: str, family: str) -> None:  # noqa: F811
+        ipvs: IPVS, real_servers: dict, method: str, family: str) -> None:
     """The client forgets a connection without a word (its RST is lost) and
     connects again from the same port while lb still has the old one
     ESTABLISHED. Its SYN goes to the old connection, the real server answers
@@ -411,7 +345,7 @@ def _send_pinned(cpu: int, frames: list[bytes], barrier: threading.Barrier) -> N
 
 
 def test_a_handshake_ack_and_first_data_arriving_together_open_one_connection(
-        ipvs: IPVS, real_servers: dict) -> None:  # noqa: F811
+        ipvs: IPVS, real_servers: dict) -> None:
     """A real client sends its handshake ACK from softirq and its first data
     from the writing thread, so the balancer may check both on two CPUs at
     once: each client tuple still gets exactly one connection (two would be
@@ -425,18 +359,18 @@ def test_a_handshake_ack_and_first_data_arriving_together_open_one_connection(
     cap = Capture("client")
     with nft("client", f"tcp sport {base}-{base + n - 1} tcp flags rst drop", hook="output"):
         try:
-            _send_frames([_frame(4, _seg(base + k, 80, 1000 * k, 0, SYN, b"\x02\x04\x05\xb4"))
+            send_frames([eth_frame(4, tcp_seg(base + k, 80, 1000 * k, 0, SYN, b"\x02\x04\x05\xb4"))
                           for k in range(n)])
-            assert wait_for(lambda: len(_synacks(cap.frames)) >= n, 60), \
-                f"{len(_synacks(cap.frames))} of {n} SYNs answered"
+            assert wait_for(lambda: len(read_synacks(cap.frames)) >= n, 60), \
+                f"{len(read_synacks(cap.frames))} of {n} SYNs answered"
         finally:
             cap.stop()
-        synacks = _synacks(cap.frames)
+        synacks = read_synacks(cap.frames)
         acks, data = [], []
         for k in range(n):
             cookie = synacks[base + k]["TCP"].seq
-            acks.append(_frame(4, _seg(base + k, 80, 1000 * k + 1, cookie + 1, ACK)))
-            data.append(_frame(4, _seg(base + k, 80, 1000 * k + 1, cookie + 1, ACK | 0x08,
+            acks.append(eth_frame(4, tcp_seg(base + k, 80, 1000 * k + 1, cookie + 1, ACK)))
+            data.append(eth_frame(4, tcp_seg(base + k, 80, 1000 * k + 1, cookie + 1, ACK | 0x08,
                                        payload=b"GET / HTTP/1.0\r\n\r\n")))
         before = ext_stats_file()
         barrier = threading.Barrier(2)
@@ -470,7 +404,7 @@ DROP_SYNS = "tcp dport {port} tcp flags & (syn|ack) == syn drop"
 @pytest.mark.parametrize("family", ("ipv4", "ipv6"))
 @pytest.mark.parametrize("method", METHODS)
 def test_a_server_that_drops_the_first_two_syns_still_gets_connected(
-        ipvs: IPVS, real_servers: dict, method: str, family: str) -> None:  # noqa: F811
+        ipvs: IPVS, real_servers: dict, method: str, family: str) -> None:
     net = NETS[family]
     synproxy_service(ipvs, net, METHODS[method], servers=("rs1",))
     before = ext_stats_file()
@@ -480,7 +414,7 @@ def test_a_server_that_drops_the_first_two_syns_still_gets_connected(
 
 
 def test_without_retransmission_the_client_is_reset(
-        ipvs: IPVS, real_servers: dict) -> None:  # noqa: F811
+        ipvs: IPVS, real_servers: dict) -> None:
     """The reset itself shows there was no retransmission: with it the second
     SYN would have been answered."""
     synproxy_service(ipvs, NET4, FwdMethod.FULLNAT, servers=("rs1",))
@@ -504,7 +438,7 @@ def test_without_retransmission_the_client_is_reset(
                                     {"synproxy_hold_bytes": 100}],
                          ids=["held", "packet-limit", "byte-limit"])
 def test_early_data_is_held_until_the_server_answers(
-        ipvs: IPVS, real_servers: dict, limits: dict[str, int]) -> None:  # noqa: F811
+        ipvs: IPVS, real_servers: dict, limits: dict[str, int]) -> None:
     """The real server ignores the first SYN: the request, sent right after
     connect(), waits at the balancer for a second and is delivered after the
     handshake — unless the hold limits are too small."""
@@ -527,7 +461,7 @@ def blob_rs1(topo: None) -> Iterator[int]:
 
 
 def test_several_held_segments_reach_the_server_in_order(
-        ipvs: IPVS, blob_rs1: int) -> None:  # noqa: F811
+        ipvs: IPVS, blob_rs1: int) -> None:
     """Eight segments sent while the balancer waits for the real server
     (it ignores the first SYN) arrive there in the order sent, each with its
     own bytes, and the server reads exactly what the client wrote."""
@@ -551,12 +485,12 @@ def test_several_held_segments_reach_the_server_in_order(
     assert digest == hashlib.sha256(b"".join(chunks)).hexdigest(), "the server read other bytes"
     assert delta(before, "synproxy_held") >= len(first)
     assert delta(before, "synproxy_hold_drop") == 0
-    data = [bytes(p.payload) for p in _tcp_segments(rs_frames, blob_rs1) if bytes(p.payload)]
+    data = [bytes(p.payload) for p in tcp_segments(rs_frames, blob_rs1) if bytes(p.payload)]
     # the client's retransmissions, held too, may follow: the first ones are the originals
     assert data[:len(first)] == first, [d[:12] for d in data[:len(first) + 2]]
 
 
-def test_a_refusing_server_resets_the_client(ipvs: IPVS, real_servers: dict) -> None:  # noqa: F811
+def test_a_refusing_server_resets_the_client(ipvs: IPVS, real_servers: dict) -> None:
     synproxy_service(ipvs, NET4, FwdMethod.FULLNAT, port=8099, servers=("rs1",))
     before = ext_stats_file()
     with pytest.raises(ConnectionResetError):
@@ -589,7 +523,7 @@ def _held_connections(port: int, n: int) -> list[socket.socket]:
 
 @pytest.mark.parametrize("end", ["retries-exhausted", "service-deleted"])
 def test_connections_waiting_for_a_silent_server_free_their_timers_and_packets(
-        ipvs: IPVS, real_servers: dict, end: str) -> None:  # noqa: F811
+        ipvs: IPVS, real_servers: dict, end: str) -> None:
     """Connections in SYN_SENT go away with everything they hold, either when
     their retries run out or when their service is deleted (expire_nodest_conn
     expires them on the client's next retransmission): the kernel does not
@@ -629,14 +563,13 @@ def test_connections_waiting_for_a_silent_server_free_their_timers_and_packets(
 
 @pytest.mark.parametrize("method", METHODS)
 def test_the_memory_all_handshakes_hold_is_bounded_and_given_back(
-        ipvs: IPVS, real_servers: dict, method: str) -> None:  # noqa: F811
+        ipvs: IPVS, real_servers: dict, method: str) -> None:
     """synproxy_hold_mem bounds what the handshakes of the namespace pin
     together. At 0 a valid cookie ACK opens nothing, is counted, and leaves no
     connection behind even for a moment's listing. At 16 KiB, while the real
     server drops SYNs, 12 clients with their requests held do not all fit.
     Once their handshakes are over the memory is given back: the same bound
     lets requests through again, and nothing more is refused."""
-    from tests.vm.test_synproxy_cookie import CraftedClient
 
     synproxy_service(ipvs, NET4, METHODS[method], servers=("rs1",))
     sport = 47200 + (method == "fullnat")
@@ -685,7 +618,7 @@ def test_the_memory_all_handshakes_hold_is_bounded_and_given_back(
 
 @pytest.mark.parametrize("defer", [True, False])
 def test_defer_mode_opens_the_server_side_only_for_data(
-        ipvs: IPVS, real_servers: dict, defer: bool) -> None:  # noqa: F811
+        ipvs: IPVS, real_servers: dict, defer: bool) -> None:
     synproxy_service(ipvs, NET4, FwdMethod.FULLNAT, servers=("rs1",))
     before = ext_stats_file()
     cap = Capture("rs1")
@@ -754,7 +687,7 @@ def holder(topo: None) -> Iterator[Holder]:
 
 
 @pytest.mark.parametrize("storm", [10, 0])
-def test_repeated_identical_acks_are_cut_off(ipvs: IPVS, holder: Holder, storm: int) -> None:  # noqa: F811
+def test_repeated_identical_acks_are_cut_off(ipvs: IPVS, holder: Holder, storm: int) -> None:
     port = holder.port
     synproxy_service(ipvs, NET4, FwdMethod.FULLNAT, port=port, servers=("rs1",))
     at_lb = Capture("lb")
@@ -764,22 +697,22 @@ def test_repeated_identical_acks_are_cut_off(ipvs: IPVS, holder: Holder, storm: 
         sport = s.getsockname()[1]
         s.sendall(b"hello")
         assert wait_for(lambda: any(p.sport == sport and bytes(p.payload) for p in
-                                    _tcp_segments(at_lb.frames, port)), 20)
+                                    tcp_segments(at_lb.frames, port)), 20)
         time.sleep(0.5)
     finally:
         lb_frames = at_lb.stop()
-    last = [p for p in _tcp_segments(lb_frames, port) if p.sport == sport][-1]
-    ack = _seg(sport, port, last.seq, last.ack, ACK, window=last.window)
+    last = [p for p in tcp_segments(lb_frames, port) if p.sport == sport][-1]
+    ack = tcp_seg(sport, port, last.seq, last.ack, ACK, window=last.window)
     before = ext_stats_file()
     at_rs = Capture("rs1")
 
     def repeats() -> list:
-        return [p for p in _tcp_segments(at_rs.frames, port)
+        return [p for p in tcp_segments(at_rs.frames, port)
                 if p.flags == "A" and not bytes(p.payload)]
 
     try:
         with lb_sysctls(synproxy_ack_storm=storm):
-            _send_frames([_frame(4, ack)] * 30)
+            send_frames([eth_frame(4, ack)] * 30)
             if storm:
                 assert wait_for(lambda: delta(before, "synproxy_ack_storm")
                                 >= 30 - storm - 1, 20)
@@ -803,14 +736,14 @@ STRAY = {"fin": FIN, "rst": RST, "syn+ack": SYN | ACK, "syn+fin": SYN | FIN,
 
 
 def test_stray_segments_are_dropped_and_never_open_a_connection(
-        ipvs: IPVS, real_servers: dict) -> None:  # noqa: F811
+        ipvs: IPVS, real_servers: dict) -> None:
     """No flag combination but a SYN or an ACK gets past a SYN-proxy service:
     no answer, nothing at the real servers, no connection, one count each."""
     synproxy_service(ipvs, NET4, FwdMethod.FULLNAT)
     before = ext_stats_file()
     cap, rs1, rs2 = Capture("client"), Capture("rs1"), Capture("rs2")
     try:
-        _send_frames([_frame(4, _seg(45001 + i, 80, 5, 7, flags, b"\x02\x04\x05\xb4"))
+        send_frames([eth_frame(4, tcp_seg(45001 + i, 80, 5, 7, flags, b"\x02\x04\x05\xb4"))
                       for i, flags in enumerate(STRAY.values())])
         assert wait_for(lambda: delta(before, "synproxy_stray_drop") == len(STRAY), 20), \
             delta(before, "synproxy_stray_drop")
@@ -819,7 +752,7 @@ def test_stray_segments_are_dropped_and_never_open_a_connection(
         frames = cap.stop()
         rs_frames = rs1.stop() + rs2.stop()
     assert [p for p in map(_tcp_of, frames) if p is not None] == []
-    assert _tcp_segments(rs_frames, 80) == []
+    assert tcp_segments(rs_frames, 80) == []
     assert [conn_states(45001 + i) for i in range(len(STRAY))] == [[]] * len(STRAY)
     assert delta(before, "synproxy_stray_drop") == len(STRAY)
 
@@ -844,7 +777,7 @@ def _icmp_about_a_syn(net, cport: int, port: int) -> bytes:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_with_schedule_icmp_an_icmp_error_opens_nothing_on_a_synproxy_service(
-        ipvs: IPVS, real_servers: dict, method: str, family: str) -> None:  # noqa: F811
+        ipvs: IPVS, real_servers: dict, method: str, family: str) -> None:
     """schedule_icmp=1 makes IPVS open a connection for the packet an ICMP
     error quotes. For a SYN-proxy service that would be a connection without a
     cookie: the error is dropped and counted (synproxy_stray_drop). The same
@@ -859,7 +792,7 @@ def test_with_schedule_icmp_an_icmp_error_opens_nothing_on_a_synproxy_service(
     rs1, rs2 = Capture("rs1"), Capture("rs2")
     try:
         with lb_sysctls(schedule_icmp=1):
-            _send_frames([_icmp_about_a_syn(net, c, port)
+            send_frames([_icmp_about_a_syn(net, c, port)
                           for port, cs in cports.items() for c in cs])
             assert wait_for(lambda: delta(before, "synproxy_stray_drop") == 10, 20), \
                 delta(before, "synproxy_stray_drop")
@@ -868,7 +801,7 @@ def test_with_schedule_icmp_an_icmp_error_opens_nothing_on_a_synproxy_service(
         rs_frames = rs1.stop() + rs2.stop()
     states = [conn_states(c, net.client) for c in cports[80]]
     assert states == [[]] * 10, states
-    assert _tcp_segments(rs_frames, 80) == []
+    assert tcp_segments(rs_frames, 80) == []
     assert _stats(ipvs.service(sp_svc)).conns == 0
     # (connections opened this way are in state NONE, gone after 2 s: counted)
     assert _stats(ipvs.service(plain)).conns == 10, \
@@ -897,19 +830,18 @@ def _icmp_unreachables(frames: list[bytes]) -> int:
 
 
 @pytest.mark.parametrize("drop", [True, False])
-def test_udp_to_a_tcp_only_vip_is_dropped_when_asked(ipvs: IPVS, drop: bool) -> None:  # noqa: F811
+def test_udp_to_a_tcp_only_vip_is_dropped_when_asked(ipvs: IPVS, drop: bool) -> None:
     from scapy.layers.inet import IP as IPv4
     from scapy.layers.inet import UDP
     from scapy.layers.l2 import Ether
 
-    from tests.vm.test_fullnat import CLIENT_MAC, LB_MAC
 
     synproxy_service(ipvs, NET4, FwdMethod.FULLNAT)
     before = ext_stats_file()
     cap = Capture("client")
     try:
         with lb_sysctls(synproxy_drop_udp=int(drop)):
-            _send_frames([bytes(Ether(src=CLIENT_MAC, dst=LB_MAC)
+            send_frames([bytes(Ether(src=CLIENT_MAC, dst=LB_MAC)
                                 / IPv4(src=topology.CLIENT4, dst=topology.VIP4)
                                 / UDP(sport=45100, dport=80) / b"x")])
             if drop:
@@ -925,16 +857,15 @@ def test_udp_to_a_tcp_only_vip_is_dropped_when_asked(ipvs: IPVS, drop: bool) -> 
 
 @pytest.mark.parametrize("drop", [True, False])
 def test_fragmented_syns_are_dropped_when_asked_and_never_bypass_the_proxy(
-        ipvs: IPVS, drop: bool) -> None:  # noqa: F811
+        ipvs: IPVS, drop: bool) -> None:
     from scapy.layers.inet import IP as IPv4
     from scapy.layers.inet import fragment
     from scapy.layers.l2 import Ether
     from scapy.packet import Raw
 
-    from tests.vm.test_fullnat import CLIENT_MAC, LB_MAC
 
     synproxy_service(ipvs, NET4, FwdMethod.FULLNAT)
-    seg = _frame(4, _seg(45200, 80, 99, 0, SYN, b"\x02\x04\x05\xb4" + b"\x01" * 16))
+    seg = eth_frame(4, tcp_seg(45200, 80, 99, 0, SYN, b"\x02\x04\x05\xb4" + b"\x01" * 16))
     ip = Ether(seg)[IPv4]
     frags = fragment(IPv4(src=ip.src, dst=ip.dst, proto=6) / Raw(bytes(ip.payload)),
                      fragsize=16)
@@ -942,18 +873,18 @@ def test_fragmented_syns_are_dropped_when_asked_and_never_bypass_the_proxy(
     cap, rs1, rs2 = Capture("client"), Capture("rs1"), Capture("rs2")
     try:
         with lb_sysctls(synproxy_drop_frag=int(drop)):
-            _send_frames([bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / f) for f in frags])
+            send_frames([bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / f) for f in frags])
             if drop:
                 assert wait_for(lambda: delta(before, "synproxy_frag_drop") >= 1, 20)
             else:
-                assert wait_for(lambda: 45200 in _synacks(cap.frames), 20)
+                assert wait_for(lambda: 45200 in read_synacks(cap.frames), 20)
             time.sleep(1.5)             # window for a real server SYN that should never come
     finally:
         frames = cap.stop()
         rs_frames = rs1.stop() + rs2.stop()
-    assert _tcp_segments(rs_frames, 80) == [], "a fragmented SYN bypassed the SYN proxy"
+    assert tcp_segments(rs_frames, 80) == [], "a fragmented SYN bypassed the SYN proxy"
     assert (delta(before, "synproxy_frag_drop") >= 1) == drop
-    assert (45200 in _synacks(frames)) != drop
+    assert (45200 in read_synacks(frames)) != drop
 
 
 # ---- floods and unloading -----------------------------------------------------------------
@@ -977,7 +908,7 @@ def tcp_timeouts(tcp: int, fin: int) -> Iterator[None]:
 
 
 def test_a_million_packet_mixed_flood_leaves_legitimate_clients_served(
-        ipvs: IPVS, real_servers: dict) -> None:  # noqa: F811
+        ipvs: IPVS, real_servers: dict) -> None:
     """During a flood of a million spoofed SYN/ACK/FIN/RST and malformed
     packets 200 real requests are all answered; no spoofed source gets a
     connection; once the timeouts have run (ESTABLISHED and FIN_WAIT cut to

@@ -19,17 +19,18 @@ import pytest
 
 from ipvs_synproxy.kernel.netlink import IPVS
 from ipvs_synproxy_testbed import netns
-from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
+from tests.vm.helpers import (
     CLIENT_MAC,
+    FAMILIES,
     LB_MAC,
+    METHODS,
     NETS,
     Capture,
-    _send_frames,
     ext_stats_file,
-    ipvs,
+    send_frames,
+    synproxy_service,
     wait_for,
 )
-from tests.vm.test_synproxy import FAMILIES, METHODS, synproxy_service
 
 TCP_INFO_PMTU = 8 + 13 * 4      # struct tcp_info: 8 bytes of u8 fields, then u32s
 
@@ -116,7 +117,7 @@ def _is_too_big(frame: bytes, version: int) -> bool:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_path_mtu_from_the_client_side_reaches_the_real_servers_socket(
-        ipvs: IPVS, method: str, family: str) -> None:  # noqa: F811
+        ipvs: IPVS, method: str, family: str) -> None:
     net = NETS[family]
     port = 9200 + 2 * (method == "fullnat") + (family == "ipv6")
     synproxy_service(ipvs, net, METHODS[method], port=port, servers=("rs1",))
@@ -142,11 +143,11 @@ def test_path_mtu_from_the_client_side_reaches_the_real_servers_socket(
         before = ext_stats_file()
         rs = Capture("rs1")
         try:
-            _send_frames([_too_big(net, port, cport, seq, bad_csum=True)])
+            send_frames([_too_big(net, port, cport, seq, bad_csum=True)])
             time.sleep(1.5)
             assert _pmtu(server.conn) == mtu0, "an error with a bad checksum was acted on"
             assert _moved(before, "synproxy_icmp_seq") == 0
-            _send_frames([_too_big(net, port, cport, seq)])
+            send_frames([_too_big(net, port, cport, seq)])
             ok = wait_for(lambda: _pmtu(server.conn) == want, 10)
             assert ok, \
                 (f"the real server's path MTU stayed {_pmtu(server.conn)}: it did not "

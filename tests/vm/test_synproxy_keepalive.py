@@ -16,15 +16,15 @@ import pytest
 from ipvs_synproxy.kernel.model import FwdMethod
 from ipvs_synproxy.kernel.netlink import IPVS
 from ipvs_synproxy_testbed import netns, topology
-from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
+from tests.vm.helpers import (
     NETS,
     Capture,
+    delta,
     ext_stats_file,
-    ipvs,
     lb_sysctls,
+    synproxy_service,
+    tcp_segments,
 )
-from tests.vm.test_synproxy import synproxy_service
-from tests.vm.test_synproxy_hardening import _tcp_segments, delta
 
 NET4 = NETS["ipv4"]
 PORT = 8086
@@ -75,7 +75,7 @@ def _exchange(s: socket.socket, msg: bytes) -> bytes:
 
 
 def test_an_idle_connection_kept_alive_by_probes_still_works(
-        ipvs: IPVS, echo: int) -> None:  # noqa: F811
+        ipvs: IPVS, echo: int) -> None:
     synproxy_service(ipvs, NET4, FwdMethod.FULLNAT, port=echo, servers=("rs1",))
     with lb_sysctls(synproxy_ack_storm=STORM):
         s = netns.socket_in("client", socket.AF_INET, socket.SOCK_STREAM)
@@ -93,7 +93,7 @@ def test_an_idle_connection_kept_alive_by_probes_still_works(
                 time.sleep(IDLE)
             finally:
                 frames = at_rs.stop()
-            probes = [p for p in _tcp_segments(frames, echo)
+            probes = [p for p in tcp_segments(frames, echo)
                       if p.flags == "A" and not bytes(p.payload)]
             assert len(probes) > STORM + KEEPCNT, \
                 f"only {len(probes)} keepalive probes reached the server"

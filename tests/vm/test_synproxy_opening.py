@@ -21,19 +21,26 @@ from collections import defaultdict
 import pytest
 
 from ipvs_synproxy.kernel.netlink import IPVS
-from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
+from tests.vm.helpers import (
+    ACK,
+    FAMILIES,
+    METHODS,
     NETS,
+    PSH,
+    RST,
+    SYN,
     Capture,
-    _frame,
-    _send_frames,
+    delta,
+    eth_frame,
     ext_stats_file,
-    ipvs,
+    nft,
+    read_synacks,
+    send_frames,
+    synproxy_service,
+    tcp_seg,
     wait_for,
 )
-from tests.vm.test_synproxy import ACK, FAMILIES, METHODS, SYN, _seg, _synacks, synproxy_service
-from tests.vm.test_synproxy_hardening import delta, nft
 
-PSH, RST = 0x08, 0x04
 FLOWS = 300
 BASE = {("nat", "ipv4"): 43000, ("nat", "ipv6"): 43400, ("fullnat", "ipv4"): 43800,
         ("fullnat", "ipv6"): 44200}
@@ -55,7 +62,7 @@ def _race(frames: list[tuple[bytes, bytes]]) -> None:
         os.sched_setaffinity(0, {cpu})
         for pair in frames:
             barrier.wait()
-            _send_frames([pair[which]])
+            send_frames([pair[which]])
 
     threads = [threading.Thread(target=run, args=(cpus[i], i)) for i in range(2)]
     for t in threads:
@@ -81,7 +88,7 @@ def _first_segments(frames: list[bytes], port: int) -> dict[tuple[str, int], str
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_a_packet_racing_the_opening_never_reaches_the_server_first(
-        ipvs: IPVS, method: str, family: str) -> None:  # noqa: F811
+        ipvs: IPVS, method: str, family: str) -> None:
     net = NETS[family]
     synproxy_service(ipvs, net, METHODS[method])
     base = BASE[(method, family)]
@@ -92,16 +99,16 @@ def test_a_packet_racing_the_opening_never_reaches_the_server_first(
              hook="output"):
         cap = Capture("client")
         try:
-            _send_frames([_frame(net.version, _seg(p, 80, isn[p], 0, SYN,
+            send_frames([eth_frame(net.version, tcp_seg(p, 80, isn[p], 0, SYN,
                                                    b"\x02\x04\x05\x78")) for p in sports])
-            assert wait_for(lambda: len(set(_synacks(cap.frames)) & set(sports)) == FLOWS, 20)
+            assert wait_for(lambda: len(set(read_synacks(cap.frames)) & set(sports)) == FLOWS, 20)
         finally:
-            synacks = _synacks(cap.stop())
+            synacks = read_synacks(cap.stop())
         from scapy.layers.inet import TCP
 
         cookie = {p: int(synacks[p][TCP].seq) for p in sports}
-        pairs = [(_frame(net.version, _seg(p, 80, isn[p] + 1, cookie[p] + 1, ACK)),
-                  _frame(net.version, _seg(p, 80, isn[p] + 1, cookie[p] + 1, ACK | PSH,
+        pairs = [(eth_frame(net.version, tcp_seg(p, 80, isn[p] + 1, cookie[p] + 1, ACK)),
+                  eth_frame(net.version, tcp_seg(p, 80, isn[p] + 1, cookie[p] + 1, ACK | PSH,
                                            payload=b"GET / HTTP/1.0\r\n\r\n")))
                  for p in sports]
         at_rs = {rs: Capture(rs) for rs in ("rs1", "rs2")}
@@ -111,7 +118,7 @@ def test_a_packet_racing_the_opening_never_reaches_the_server_first(
                      + delta(before, "synproxy_rs_reset") >= FLOWS, 10)
         finally:
             frames = {rs: c.stop() for rs, c in at_rs.items()}
-            _send_frames([_frame(net.version, _seg(p, 80, isn[p] + 19, cookie[p] + 1,
+            send_frames([eth_frame(net.version, tcp_seg(p, 80, isn[p] + 19, cookie[p] + 1,
                                                    RST | ACK)) for p in sports])
     flows: dict[str, int] = defaultdict(int)
     bad = []

@@ -20,22 +20,24 @@ import pytest
 from ipvs_synproxy.kernel.model import FwdMethod
 from ipvs_synproxy.kernel.netlink import IPVS
 from ipvs_synproxy_testbed import netns, topology
-from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
+from tests.vm.helpers import (
+    ACK,
+    FIN,
     NETS,
     Capture,
-    _frame,
-    _send_frames,
+    conn_states,
+    delta,
+    eth_frame,
     ext_stats_file,
-    ipvs,
-    lb_sysctls,
+    send_frames,
+    synproxy_service,
+    tcp_seg,
+    tcp_segments,
     wait_for,
 )
-from tests.vm.test_synproxy import ACK, _seg, synproxy_service
-from tests.vm.test_synproxy_hardening import _tcp_segments, conn_states, delta
 
 NET4 = NETS["ipv4"]
 PORT = 8085
-FIN = 0x01
 REPLY = b"still here\n"
 DUPLICATES = {"handshake-ack": ACK, "fin-ack": FIN | ACK}
 
@@ -91,7 +93,7 @@ def _recv_all(s: socket.socket) -> bytes:
 
 @pytest.mark.parametrize("duplicate", DUPLICATES)
 def test_a_duplicate_of_the_cookie_ack_in_close_wait_keeps_the_connection(
-        ipvs: IPVS, answer_later: AnswerLater, duplicate: str) -> None:  # noqa: F811
+        ipvs: IPVS, answer_later: AnswerLater, duplicate: str) -> None:
     synproxy_service(ipvs, NET4, FwdMethod.FULLNAT, port=PORT, servers=("rs1",))
     at_lb = Capture("lb")
     s = netns.socket_in("client", socket.AF_INET, socket.SOCK_STREAM)
@@ -105,10 +107,10 @@ def test_a_duplicate_of_the_cookie_ack_in_close_wait_keeps_the_connection(
                 conn_states(sport, vport=PORT)
         finally:
             frames = at_lb.stop()
-        handshake = next(p for p in _tcp_segments(frames, PORT)
+        handshake = next(p for p in tcp_segments(frames, PORT)
                          if p.sport == sport and p.flags == "A")
         before = ext_stats_file()
-        _send_frames([_frame(4, _seg(sport, PORT, handshake.seq, handshake.ack,
+        send_frames([eth_frame(4, tcp_seg(sport, PORT, handshake.seq, handshake.ack,
                                      DUPLICATES[duplicate], window=handshake.window))])
         assert not wait_for(lambda: conn_states(sport, vport=PORT) != ["CLOSE_WAIT"], 2), \
             conn_states(sport, vport=PORT)

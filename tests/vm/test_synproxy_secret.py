@@ -25,17 +25,20 @@ from ipvs_synproxy.kernel import cookie
 from ipvs_synproxy.kernel.model import FwdMethod
 from ipvs_synproxy.kernel.netlink import IPVS
 from ipvs_synproxy_testbed import netns, topology
-from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
+from tests.vm.helpers import (
+    ACK,
     NETS,
+    SYN,
     Capture,
-    _frame,
-    _send_frames,
+    eth_frame,
     ext_stats_file,
-    ipvs,
     lb_sysctls,
+    read_synacks,
+    send_frames,
+    synproxy_service,
+    tcp_seg,
     wait_for,
 )
-from tests.vm.test_synproxy import ACK, SYN, _seg, _synacks, synproxy_service
 
 NET4 = NETS["ipv4"]
 MSS_1460 = b"\x02\x04\x05\xb4"
@@ -63,11 +66,11 @@ def get_cookie(sport: int, isn: int) -> int:
 
     cap = Capture("client")
     try:
-        _send_frames([_frame(4, _seg(sport, 80, isn, 0, SYN, MSS_1460))])
-        assert wait_for(lambda: sport in _synacks(cap.frames), 10), "no SYN/ACK"
+        send_frames([eth_frame(4, tcp_seg(sport, 80, isn, 0, SYN, MSS_1460))])
+        assert wait_for(lambda: sport in read_synacks(cap.frames), 10), "no SYN/ACK"
     finally:
         cap.stop()
-    return int(_synacks(cap.frames)[sport][TCP].seq)
+    return int(read_synacks(cap.frames)[sport][TCP].seq)
 
 
 def answer(sport: int, isn: int, cookie_isn: int) -> tuple[bool, bool]:
@@ -93,7 +96,7 @@ def answer(sport: int, isn: int, cookie_isn: int) -> tuple[bool, bool]:
                 > before["synproxy_ack_valid"] + before["synproxy_ack_invalid"])
 
     try:
-        _send_frames([_frame(4, _seg(sport, 80, isn + 1, cookie_isn + 1, ACK))])
+        send_frames([eth_frame(4, tcp_seg(sport, 80, isn + 1, cookie_isn + 1, ACK))])
         assert wait_for(counted, 10), "the ACK was not counted at all"
         after = ext_stats_file()
         accepted = after["synproxy_ack_valid"] == before["synproxy_ack_valid"] + 1
@@ -114,7 +117,7 @@ def decodes_under(secret: bytes, period: int, sport: int, isn: int,
 
 
 @pytest.fixture
-def proxied(ipvs: IPVS, real_servers: dict) -> Iterator[IPVS]:  # noqa: F811
+def proxied(ipvs: IPVS, real_servers: dict) -> Iterator[IPVS]:
     """A FULLNAT SYN proxy service on VIP:80; a fresh random secret afterwards."""
     synproxy_service(ipvs, NET4, FwdMethod.FULLNAT)
     yield ipvs

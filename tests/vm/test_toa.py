@@ -20,36 +20,24 @@ import os
 import random
 import socket
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import count
 from pathlib import Path
 
 import pytest
 
-from ipvs_synproxy.build import kmod
 from ipvs_synproxy_testbed import netns, topology
-from tests.vm.test_synproxy_hardening import nft
+from tests.vm.helpers import STATS, insmod, nft, remove_toa, toa_is_loaded, toa_option
 
 CLAIM4 = (topology.CLIENT4, 4242)
 CLAIM6 = (topology.CLIENT6, 4242)
-STATS = Path("/proc/net/toa_stats")
 # One source port per hand-made connection: a random port can repeat one of
 # the same test's still-open connections, and rs1 then answers the SYN with a
 # challenge ACK instead of a SYN/ACK.
 _sports = count(random.randint(40000, 50000))
-
-
-def toa_option(addr: str, port: int, length: int | None = None) -> bytes:
-    ip = ipaddress.ip_address(addr)
-    kind = 254 if ip.version == 4 else 253
-    body = struct.pack("!H", port) + ip.packed
-    if length is None:
-        length = 2 + len(body)
-    # a wrong length keeps the real body size so the option list still parses
-    return bytes([kind, length]) + body[: max(0, length - 2)]
 
 
 def _pad(options: bytes) -> bytes:
@@ -186,33 +174,6 @@ def toa_stats() -> dict[str, int]:
     return out
 
 
-def _toa_ko() -> Path:
-    """The cached build of kernel_patches/toa (IPVS_SYNPROXY_TOA_KO: another .ko)."""
-    if os.environ.get("IPVS_SYNPROXY_TOA_KO"):
-        return Path(os.environ["IPVS_SYNPROXY_TOA_KO"])
-    kernel = kmod.Kernel(os.uname().release)
-    ko = kmod.cached_build(kernel, f"toa-{kmod.toa_key(kernel)}") / "toa.ko"
-    return ko if ko.exists() else kmod.build_toa().modules[0]
-
-
-def insmod(trusted: str = topology.TOA_TRUSTED) -> None:
-    """Load toa.ko believing TOA options from ``trusted`` (lb's addresses)."""
-    res = subprocess.run(["insmod", str(_toa_ko()), f"trusted_sources={trusted}"],
-                         capture_output=True, text=True, check=False)
-    assert res.returncode == 0, res.stderr
-
-
-def _loaded() -> bool:
-    return Path("/sys/module/toa").exists()
-
-
-def _rmmod() -> None:
-    res = subprocess.run(["rmmod", "toa"], capture_output=True, text=True, check=False)
-    assert res.returncode == 0, res.stderr
-    assert not _loaded()
-    assert not STATS.exists()
-
-
 @pytest.fixture(scope="module")
 def syncookies(topo: None) -> Iterator[None]:
     old = netns.read_sysctl("rs1", "net.ipv4.tcp_syncookies")
@@ -224,10 +185,10 @@ def syncookies(topo: None) -> Iterator[None]:
 @pytest.fixture
 def toa(syncookies: None) -> Iterator[None]:
     """toa.ko loaded for the test, and unloaded cleanly afterwards."""
-    assert not _loaded()
+    assert not toa_is_loaded()
     insmod()
     yield
-    _rmmod()
+    remove_toa()
 
 
 _port = iter(range(8100, 8200))
@@ -243,36 +204,37 @@ def _accept_after(listener: Listener, raw: RawTcp, ack_options: bytes = b"",
         raw.close()
 
 
-def test_without_the_module_the_peer_is_the_real_sender(syncookies: None) -> None:
-    assert not _loaded()
+@contextmanager
+def toa_accept(ack_options: bytes, *, v6: bool = False, dual_stack: bool = False
+               ) -> Iterator[tuple[socket.socket, tuple[str, int], int]]:
+    """A crafted client in lb completes a handshake to a listener in rs1 with
+    ``ack_options`` on its ACK; yields the accepted socket, accept()'s peer and
+    the port, and closes both afterwards."""
     port = next(_port)
-    listener = Listener(topology.RS4["rs1"], port)
+    rs, lb = (topology.RS6, topology.LB_SERVER6) if v6 else (topology.RS4, topology.LB_SERVER4)
+    listener = Listener("::" if dual_stack else rs["rs1"], port, dual_stack=dual_stack)
     try:
-        conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER4,
-                                                    topology.RS4["rs1"], port),
-                                   toa_option(*CLAIM4))
+        conn, peer = _accept_after(listener, RawTcp(lb, rs["rs1"], port), ack_options)
         with conn:
-            assert peer[0] == topology.LB_SERVER4
-            assert conn.getpeername()[0] == topology.LB_SERVER4
+            yield conn, peer, port
     finally:
         listener.close()
+
+
+def test_without_the_module_the_peer_is_the_real_sender(syncookies: None) -> None:
+    assert not toa_is_loaded()
+    with toa_accept(toa_option(*CLAIM4)) as (conn, peer, _):
+        assert peer[0] == topology.LB_SERVER4
+        assert conn.getpeername()[0] == topology.LB_SERVER4
 
 
 def test_toa_on_the_handshake_ack_is_the_ipv4_peer(toa: None) -> None:
     before = toa_stats()
-    port = next(_port)
-    listener = Listener(topology.RS4["rs1"], port)
-    try:
-        conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER4,
-                                                    topology.RS4["rs1"], port),
-                                   toa_option(*CLAIM4))
-        with conn:
-            assert peer == CLAIM4
-            assert conn.getpeername() == CLAIM4
-            # the local side is untouched
-            assert conn.getsockname() == (topology.RS4["rs1"], port)
-    finally:
-        listener.close()
+    with toa_accept(toa_option(*CLAIM4)) as (conn, peer, port):
+        assert peer == CLAIM4
+        assert conn.getpeername() == CLAIM4
+        # the local side is untouched
+        assert conn.getsockname() == (topology.RS4["rs1"], port)
     after = toa_stats()
     assert after["ack_toa_v4"] == before["ack_toa_v4"] + 1
     assert after["getname_v4"] >= before["getname_v4"] + 2
@@ -280,31 +242,15 @@ def test_toa_on_the_handshake_ack_is_the_ipv4_peer(toa: None) -> None:
 
 def test_toa_on_the_handshake_ack_is_the_ipv6_peer(toa: None) -> None:
     before = toa_stats()
-    port = next(_port)
-    listener = Listener(topology.RS6["rs1"], port)
-    try:
-        conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER6,
-                                                    topology.RS6["rs1"], port),
-                                   toa_option(*CLAIM6))
-        with conn:
-            assert peer == CLAIM6
-            assert conn.getpeername()[:2] == CLAIM6
-    finally:
-        listener.close()
+    with toa_accept(toa_option(*CLAIM6), v6=True) as (conn, peer, _):
+        assert peer == CLAIM6
+        assert conn.getpeername()[:2] == CLAIM6
     assert toa_stats()["ack_toa_v6"] == before["ack_toa_v6"] + 1
 
 
 def test_ipv4_toa_on_a_dual_stack_listener_is_v4_mapped(toa: None) -> None:
-    port = next(_port)
-    listener = Listener("::", port, dual_stack=True)
-    try:
-        conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER4,
-                                                    topology.RS4["rs1"], port),
-                                   toa_option(*CLAIM4))
-        with conn:
-            assert peer == (f"::ffff:{CLAIM4[0]}", CLAIM4[1])
-    finally:
-        listener.close()
+    with toa_accept(toa_option(*CLAIM4), dual_stack=True) as (_conn, peer, _):
+        assert peer == (f"::ffff:{CLAIM4[0]}", CLAIM4[1])
 
 
 def test_toa_on_the_first_data_packet_when_the_ack_had_none(toa: None) -> None:
@@ -330,16 +276,8 @@ def test_toa_on_the_first_data_packet_when_the_ack_had_none(toa: None) -> None:
 
 def test_an_ipv6_client_cannot_be_shown_on_an_ipv4_socket(toa: None) -> None:
     before = toa_stats()
-    port = next(_port)
-    listener = Listener(topology.RS4["rs1"], port)
-    try:
-        conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER4,
-                                                    topology.RS4["rs1"], port),
-                                   toa_option(*CLAIM6))
-        with conn:
-            assert peer[0] == topology.LB_SERVER4
-    finally:
-        listener.close()
+    with toa_accept(toa_option(*CLAIM6)) as (_conn, peer, _):
+        assert peer[0] == topology.LB_SERVER4
     after = toa_stats()
     assert after["ack_toa_v6"] == before["ack_toa_v6"] + 1
     assert after["getname_family_mismatch"] == before["getname_family_mismatch"] + 1
@@ -388,16 +326,8 @@ def test_first_data_without_the_option_ends_the_wait(toa: None) -> None:
 @pytest.mark.parametrize("length", [6, 7, 10, 20])
 def test_malformed_toa_lengths_are_ignored_and_counted(toa: None, length: int) -> None:
     before = toa_stats()
-    port = next(_port)
-    listener = Listener(topology.RS4["rs1"], port)
-    try:
-        conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER4,
-                                                    topology.RS4["rs1"], port),
-                                   toa_option(*CLAIM4, length=length))
-        with conn:
-            assert peer[0] == topology.LB_SERVER4
-    finally:
-        listener.close()
+    with toa_accept(toa_option(*CLAIM4, length=length)) as (_conn, peer, _):
+        assert peer[0] == topology.LB_SERVER4
     after = toa_stats()
     assert after["malformed"] == before["malformed"] + 1
     assert after["ack_toa_v4"] == before["ack_toa_v4"]
@@ -405,17 +335,10 @@ def test_malformed_toa_lengths_are_ignored_and_counted(toa: None, length: int) -
 
 def test_an_option_overrunning_the_header_is_ignored(toa: None) -> None:
     before = toa_stats()
-    port = next(_port)
-    listener = Listener(topology.RS4["rs1"], port)
     # kind 254 claiming 40 bytes inside a 12-byte option area
     bad = bytes([1, 1, 254, 40]) + bytes(8)
-    try:
-        conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER4,
-                                                    topology.RS4["rs1"], port), bad)
-        with conn:
-            assert peer[0] == topology.LB_SERVER4
-    finally:
-        listener.close()
+    with toa_accept(bad) as (_conn, peer, _):
+        assert peer[0] == topology.LB_SERVER4
     assert toa_stats()["malformed"] == before["malformed"] + 1
 
 
@@ -430,7 +353,7 @@ def test_after_rmmod_the_peer_is_the_real_sender_again(syncookies: None) -> None
                                    toa_option(*CLAIM4))
         assert peer == CLAIM4
         assert toa_stats()["entries"] >= 1
-        _rmmod()
+        remove_toa()
         assert conn.getpeername()[0] == topology.LB_SERVER4
         conn.close()
         conn, peer = _accept_after(listener, RawTcp(topology.LB_SERVER4,
@@ -440,8 +363,8 @@ def test_after_rmmod_the_peer_is_the_real_sender_again(syncookies: None) -> None
             assert peer[0] == topology.LB_SERVER4
     finally:
         listener.close()
-        if _loaded():
-            _rmmod()
+        if toa_is_loaded():
+            remove_toa()
 
 
 def test_unloading_after_servers_asked_for_peers_is_clean(syncookies: None) -> None:
@@ -476,14 +399,14 @@ def test_unloading_after_servers_asked_for_peers_is_clean(syncookies: None) -> N
             t.join(60)
         assert seen == {CLAIM4[0]}
         assert toa_stats()["entries"] == 20
-        _rmmod()
+        remove_toa()
         assert {c.getpeername()[0] for c in conns} == {topology.LB_SERVER4}
     finally:
         for c in conns:
             c.close()
         listener.close()
-        if _loaded():
-            _rmmod()
+        if toa_is_loaded():
+            remove_toa()
 
 
 # ---- whom to believe: trusted_sources, and only the handshake's segments ----------------
@@ -494,10 +417,10 @@ PARAM = Path("/sys/module/toa/parameters/trusted_sources")
 @pytest.fixture
 def toa_untrusted(syncookies: None) -> Iterator[None]:
     """toa.ko trusting other balancers than lb."""
-    assert not _loaded()
+    assert not toa_is_loaded()
     insmod("192.0.2.200,2001:db8:2::200/128")
     yield
-    _rmmod()
+    remove_toa()
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
@@ -535,7 +458,7 @@ def test_with_no_trusted_source_nothing_is_believed(syncookies: None) -> None:
         finally:
             listener.close()
     finally:
-        _rmmod()
+        remove_toa()
 
 
 def _after_handshake(segments: list[tuple[int, bytes, bytes, int]]) -> tuple[str, int]:

@@ -35,20 +35,25 @@ import pytest
 from ipvs_synproxy.kernel.model import Dest, FwdMethod, Service
 from ipvs_synproxy.kernel.netlink import IPVS
 from ipvs_synproxy_testbed import netns
-from tests.vm.test_fullnat import (  # noqa: F401  (ipvs is a fixture)
+from tests.vm.helpers import (
+    ACK,
     NETS,
+    PSH,
+    RST,
+    SYN,
     Capture,
     Net,
-    _frame,
-    _send_frames,
-    ipvs,
+    eth_frame,
+    insmod,
     lb_sysctls,
+    nft,
+    remove_toa,
+    send_frames,
+    toa_is_loaded,
+    toa_option,
     wait_for,
 )
-from tests.vm.test_synproxy_hardening import nft
-from tests.vm.test_toa import _loaded, _rmmod, insmod, toa_option
 
-SYN, RST, PSH, ACK = 0x02, 0x04, 0x08, 0x10
 PORT_NAT, PORT_FNAT, PORT_SP = 8180, 8181, 8182
 RS_PORT = 8180
 FORGED = {"ipv4": ("203.0.113.66", 6666), "ipv6": ("2001:db8:66::66", 6666)}
@@ -97,7 +102,7 @@ class Client:
              offset: int = 0) -> None:
         seq = self.isn + (0 if flags & SYN else 1 + offset)
         ack = 0 if flags == SYN else self.server_isn + 1
-        _send_frames([_frame(self.net.version,
+        send_frames([eth_frame(self.net.version,
                              _seg(self.sport, self.port, seq, ack, flags, opts, payload))])
         if payload:
             self.sent = max(self.sent, offset + len(payload))
@@ -216,19 +221,19 @@ def _plan(rng: random.Random, family: str) -> Plan:
 
 
 @pytest.fixture
-def forgery_setup(ipvs: IPVS) -> Iterator[IPVS]:  # noqa: F811
+def forgery_setup(ipvs: IPVS) -> Iterator[IPVS]:
     """The three services on VIP:818x -> rs1:8180, toa.ko in rs1, client RSTs dropped."""
-    assert not _loaded()
+    assert not toa_is_loaded()
     insmod()
     try:
         with nft("client", f"tcp sport {SPORTS.start}-{SPORTS.stop - 1} tcp flags rst drop",
                  hook="output"):
             yield ipvs
     finally:
-        _rmmod()
+        remove_toa()
 
 
-def _services(ipvs: IPVS, net: Net) -> None:  # noqa: F811
+def _services(ipvs: IPVS, net: Net) -> None:
     rs = IP(net.rs["rs1"])
     for port, fwd, sp in ((PORT_NAT, FwdMethod.MASQ, False),
                           (PORT_FNAT, FwdMethod.FULLNAT, False),
@@ -343,4 +348,3 @@ def test_behind_a_trusted_upstream_balancer_its_option_is_passed_on(
         server.close()
     assert peer == upstream
     assert forgery_setup.ext_stats()["fullnat_toa_scrubbed"] == before["fullnat_toa_scrubbed"]
-
