@@ -13,8 +13,8 @@ from ipvs_synproxy.build import apt, kmod
 from ipvs_synproxy.build import keepalived as keepalived_build
 from ipvs_synproxy_testbed import vm
 
-# Used only by tests: the initramfs (cpio) and the console's browser test.
-TEST_DEBS = ["cpio", "chromium", "chromium-driver"]
+# Used only by tests: the initramfs (cpio), the console's browser test, the DKMS install.
+TEST_DEBS = ["cpio", "chromium", "chromium-driver", "dkms"]
 
 
 def project_debs() -> list[str]:
