@@ -13,21 +13,24 @@ from ipvs_synproxy.build import apt, kmod
 from ipvs_synproxy.build import keepalived as keepalived_build
 from ipvs_synproxy_testbed import vm
 
-# Used only by tests: the initramfs (cpio) and the console's browser test.
-TEST_DEBS = ["cpio", "chromium", "chromium-driver"]
+# Used only by tests: the initramfs (cpio), the console's browser test, the DKMS install.
+TEST_DEBS = ["cpio", "chromium", "chromium-driver", "dkms"]
 
 
 def project_debs() -> list[str]:
-    """Every Debian package the build, the testbed and the tests use."""
-    return sorted(set(kmod.BUILD_DEBS) | set(vm.GUEST_DEBS) | set(keepalived_build.BUILD_DEBS)
-                  | set(TEST_DEBS))
+    """Every Debian package the build, the testbed and the tests use: the
+    kernel packages of every supported series that apt serves, so that the
+    guest suite can run on each."""
+    kernels = {deb for series in kmod.served_series() for deb in kmod.build_debs(series)}
+    return sorted(kernels | set(kmod.BUILD_DEBS) | set(vm.GUEST_DEBS)
+                  | set(keepalived_build.BUILD_DEBS) | set(TEST_DEBS))
 
 
 def main() -> int:
     """``python -m ipvs_synproxy_testbed.deps``: install what is missing."""
     try:
         apt.ensure_debs(project_debs())
-    except (apt.DependencyError, subprocess.CalledProcessError) as exc:
+    except (apt.DependencyError, kmod.KmodError, subprocess.CalledProcessError) as exc:
         print(f"ipvs-synproxy: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import lzma
 import os
 import shutil
 import tempfile
@@ -17,20 +18,68 @@ from pathlib import Path
 from ipvs_synproxy.build import apt, paths
 from ipvs_synproxy.build.kmod import Kernel
 
-# Load order matters: each module's dependencies come before it.
-INITRAMFS_MODULES = (
-    "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
-    "virtio_pci", "netfs", "fscache", "9pnet", "9pnet_virtio", "9p", "overlay",
-)
+# What the guest's /init needs to mount the host's root; their dependencies
+# come from the kernel's modules.dep (6.1 has fscache and virtio as modules,
+# 6.12 folds fscache into netfs and builds virtio in).
+INITRAMFS_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
 BUSYBOX = Path("/bin/busybox")
 INIT_SCRIPT = Path(__file__).with_name("initramfs_init.sh")
 
 
-def _find_module(kernel: Kernel, name: str) -> Path:
-    hits = list((kernel.modules_dir / "kernel").rglob(f"{name}.ko"))
-    if not hits:
-        raise FileNotFoundError(f"module {name}.ko not found under {kernel.modules_dir}")
-    return hits[0]
+def _module_name(rel: str) -> str:
+    name = rel.rsplit("/", 1)[-1]
+    for suffix in (".xz", ".zst", ".gz"):
+        name = name.removesuffix(suffix)
+    return name.removesuffix(".ko").replace("-", "_")
+
+
+def _module_table(kernel: Kernel) -> tuple[dict[str, tuple[Path, list[str]]], set[str]]:
+    """name -> (file, dependency names) from modules.dep; the built-in names."""
+    table: dict[str, tuple[Path, list[str]]] = {}
+    for line in (kernel.modules_dir / "modules.dep").read_text().splitlines():
+        mod, _, deps = line.partition(":")
+        table[_module_name(mod)] = (kernel.modules_dir / mod,
+                                    [_module_name(d) for d in deps.split()])
+    builtin_file = kernel.modules_dir / "modules.builtin"
+    builtin = {_module_name(x) for x in builtin_file.read_text().split()} \
+        if builtin_file.exists() else set()
+    return table, builtin
+
+
+def load_order(kernel: Kernel, wanted: tuple[str, ...] = INITRAMFS_MODULES
+               ) -> list[tuple[str, Path]]:
+    """The modules to insmod, each after its dependencies; built-ins left out."""
+    table, builtin = _module_table(kernel)
+    order: list[tuple[str, Path]] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen or name in builtin:
+            return
+        seen.add(name)
+        if name not in table:
+            raise FileNotFoundError(f"module {name} is neither built in nor in "
+                                    f"{kernel.modules_dir}/modules.dep")
+        path, deps = table[name]
+        for dep in deps:
+            visit(dep)
+        order.append((name, path))
+
+    for name in wanted:
+        visit(name)
+    return order
+
+
+def _module_bytes(path: Path) -> bytes:
+    """The module as busybox insmod takes it: decompressed."""
+    data = path.read_bytes()
+    if path.suffix == ".xz":
+        return lzma.decompress(data)
+    if path.suffix == ".gz":
+        return gzip.decompress(data)
+    if path.suffix == ".zst":
+        raise FileNotFoundError(f"{path}: zstd-compressed modules are not supported")
+    return data
 
 
 def _key(kernel: Kernel, files: list[Path]) -> str:
@@ -42,8 +91,8 @@ def _key(kernel: Kernel, files: list[Path]) -> str:
 
 def build_initramfs(kernel: Kernel) -> Path:
     apt.ensure_debs(["busybox-static", "cpio"])
-    modules = [_find_module(kernel, m) for m in INITRAMFS_MODULES]
-    key = _key(kernel, [BUSYBOX, INIT_SCRIPT, *modules])
+    modules = load_order(kernel)
+    key = _key(kernel, [BUSYBOX, INIT_SCRIPT, *(path for _, path in modules)])
     out = paths.build_dir() / "guest" / kernel.version / f"initramfs-{key}.cpio.gz"
     if out.exists():
         return out
@@ -55,9 +104,9 @@ def build_initramfs(kernel: Kernel) -> Path:
         shutil.copy2(BUSYBOX, root / "bin" / "busybox")
         shutil.copy2(INIT_SCRIPT, root / "init")
         os.chmod(root / "init", 0o755)
-        for m in modules:
-            shutil.copy2(m, root / "modules" / m.name)
-        (root / "modules.list").write_text("\n".join(INITRAMFS_MODULES) + "\n")
+        for name, path in modules:
+            (root / "modules" / f"{name}.ko").write_bytes(_module_bytes(path))
+        (root / "modules.list").write_text("".join(f"{name}\n" for name, _ in modules))
         data = _newc_archive(root)
     tmp = out.with_suffix(".tmp")
     tmp.write_bytes(gzip.compress(data, compresslevel=1))

@@ -69,6 +69,7 @@ class VmOptions:
     cwd: Path = field(default_factory=paths.project_root)
     keep_job: bool = False
     verbose: bool = False
+    kernel: str | None = None  # series (6.1, 6.12); None: kmod.default_series()
 
 
 @dataclass
@@ -208,10 +209,10 @@ def _read(p: Path) -> str:
 def prepare(opts: VmOptions) -> tuple[kmod.Kernel, Path | None]:
     apt.ensure_debs(GUEST_DEBS)
     if opts.modules == "patched":
-        res = kmod.build()
+        res = kmod.build(series=opts.kernel)
         return res.kernel, res.directory
     if opts.modules == "stock":
-        return kmod.ensure_toolchain(), None
+        return kmod.ensure_toolchain(opts.kernel), None
     raise VmError(f"--modules must be 'patched' or 'stock', not {opts.modules!r}")
 
 

@@ -37,9 +37,36 @@ def missing_debs(packages: list[str]) -> list[str]:
     return missing
 
 
+def update() -> None:
+    """``apt-get update``, once per process."""
+    global _apt_updated
+    if _apt_updated:
+        return
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "-o", f"DPkg::Lock::Timeout={LOCK_WAIT}", "update", "-q"],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    _apt_updated = True
+
+
+def package_names(prefix: str) -> list[str]:
+    """The names of the packages apt knows that start with ``prefix`` (reading
+    the sources' lists first if this machine has none yet)."""
+    if shutil.which("apt-cache") is None:
+        return []
+    for attempt in range(2):
+        res = subprocess.run(["apt-cache", "pkgnames", prefix], capture_output=True,
+                             text=True, check=False)
+        names = res.stdout.split()
+        if names or attempt:
+            return sorted(names)
+        update()
+    return []
+
+
 def ensure_debs(packages: list[str]) -> None:
     """Install any of ``packages`` that are missing (apt-get, non-interactive)."""
-    global _apt_updated
     missing = missing_debs(packages)
     if not missing:
         return
@@ -49,10 +76,7 @@ def ensure_debs(packages: list[str]) -> None:
         raise DependencyError(f"missing packages {missing}; run as root to install them")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     print(f"ipvs-synproxy: installing {' '.join(missing)}", file=sys.stderr)
-    if not _apt_updated:
-        subprocess.run(["apt-get", "-o", f"DPkg::Lock::Timeout={LOCK_WAIT}", "update", "-q"], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
-        _apt_updated = True
+    update()
     res = subprocess.run(
         ["apt-get", "-o", f"DPkg::Lock::Timeout={LOCK_WAIT}", "install", "-y", "-q",
          "--no-install-recommends", *missing],

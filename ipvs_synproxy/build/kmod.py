@@ -1,9 +1,13 @@
 """Build the patched IPVS modules out of tree against the installed headers.
 
-The pristine IPVS sources come from Debian's ``linux-source-6.1``; the quilt
-series in ``kernel_patches/linux-6.1`` is applied on a private copy and the
-result built with the kernel's own kbuild (``make -C …/build M=…``), the same
-way DKMS does it. Results are cached under ``build/kmod/<kver>/<key>`` where the
+One patch series per kernel series (:data:`SUPPORTED_SERIES`): for a target
+kernel of series S the pristine IPVS sources come from Debian's
+``linux-source-S``, the quilt series in ``kernel_patches/linux-S`` is applied
+on a private copy and the result built with the kernel's own kbuild
+(``make -C …/build M=…``), the same way DKMS does it. Which kernel packages a
+series means is asked of apt (the newest ``linux-image-S…-amd64`` with its
+headers), never written down, so the same code works wherever apt serves
+that series. Results are cached under ``build/kmod/<kver>/<key>`` where the
 key hashes the series, every patch it lists and the build glue, so an unchanged
 series never rebuilds. A build happens in a scratch directory and is renamed
 into place only when complete: there is never a half-built tree in the cache.
@@ -23,10 +27,11 @@ from pathlib import Path
 
 from ipvs_synproxy.build import apt, paths
 
-SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
-SOURCE_PREFIX = "linux-source-6.1/"
-BUILD_DEBS = ["linux-source-6.1", "linux-headers-amd64", "linux-image-amd64",
-              "build-essential", "bc", "xz-utils", "patch", "kmod"]
+# The kernel series with a complete patch series in kernel_patches/linux-<S>/,
+# oldest first. A series joins the list only when its patches carry every feature.
+SUPPORTED_SERIES = ("6.1",)
+# What every build needs besides the kernel's own packages.
+BUILD_DEBS = ["build-essential", "bc", "xz-utils", "patch", "kmod"]
 
 # What the out-of-tree build needs from the full source, plus checkpatch.
 SOURCE_MEMBERS = (
@@ -48,9 +53,29 @@ class KmodError(RuntimeError):
     """The patched modules could not be built; the message says which step."""
 
 
+def series_of(version: str) -> str:
+    """The series (``major.minor``) of a kernel release such as 6.12.118+deb12-amd64."""
+    m = re.match(r"(\d+)\.(\d+)(?!\d)", version)
+    if not m:
+        raise KmodError(f"not a kernel release: {version!r}")
+    return f"{m.group(1)}.{m.group(2)}"
+
+
+def check_series(series: str) -> str:
+    """``series`` if this project has a patch series for it, else a clear error."""
+    if series not in SUPPORTED_SERIES:
+        raise KmodError(f"no patch series for Linux {series}: supported are "
+                        f"{', '.join(SUPPORTED_SERIES)} (kernel_patches/linux-<series>/)")
+    return series
+
+
 @dataclass(frozen=True)
 class Kernel:
     version: str  # uname -r of the target, e.g. 6.1.0-56-amd64
+
+    @property
+    def series(self) -> str:
+        return series_of(self.version)
 
     @property
     def modules_dir(self) -> Path:
@@ -78,46 +103,110 @@ def _version_key(ver: str) -> list[int]:
     return [int(x) for x in re.findall(r"\d+", ver)]
 
 
-def find_kernel() -> Kernel:
-    """The newest installed 6.1 Debian kernel that has both image and headers."""
-    candidates = []
-    for d in Path("/lib/modules").glob("6.1.*"):
+def installed_kernels(series: str) -> list[Kernel]:
+    """Installed kernels of ``series`` that have both image and headers, oldest first."""
+    found = []
+    for d in Path("/lib/modules").glob(f"{series}.*"):
         k = Kernel(d.name)
-        if k.image.exists() and (k.build_tree / "Makefile").exists():
-            candidates.append(k)
-    if not candidates:
-        raise KmodError(
-            "no Linux 6.1 kernel with headers installed "
-            "(apt-get install linux-image-amd64 linux-headers-amd64)"
-        )
-    return max(candidates, key=lambda k: _version_key(k.version))
+        if k.series == series and k.image.exists() and (k.build_tree / "Makefile").exists():
+            found.append(k)
+    return sorted(found, key=lambda k: _version_key(k.version))
 
 
-def ensure_toolchain() -> Kernel:
-    apt.ensure_debs(BUILD_DEBS)
-    return find_kernel()
+def find_kernel(series: str = SUPPORTED_SERIES[-1]) -> Kernel:
+    """The newest installed Debian kernel of ``series`` with image and headers."""
+    found = installed_kernels(series)
+    if not found:
+        raise KmodError(f"no Linux {series} kernel with headers installed "
+                        f"(ipvs-synproxy kmod build --kernel {series} installs one)")
+    return found[-1]
 
 
-def series_dir() -> Path:
-    return paths.patches_dir() / "linux-6.1"
+def _kernel_packages_re(series: str) -> re.Pattern[str]:
+    # linux-image-6.1.0-57-amd64, linux-image-6.12.118+deb12-amd64: one flavour,
+    # signed or not; never the metapackages, -dbg, -rt or -cloud.
+    return re.compile(rf"linux-image-({re.escape(series)}[.-]\d[\w.+~-]*?-amd64)(-unsigned)?")
 
 
-def read_series(sdir: Path | None = None) -> list[Path]:
-    """The patches listed in ``series``, in order (quilt syntax: ``#`` comments,
-    blank lines and ``-pN`` suffixes are allowed)."""
-    sdir = sdir or series_dir()
-    series = sdir / "series"
-    if not series.exists():
+def apt_kernel(series: str) -> tuple[str, list[str]] | None:
+    """(kernel release, its image and headers packages): the newest of ``series``
+    that the host's apt sources serve, or None."""
+    pat = _kernel_packages_re(series)
+    names = set(apt.package_names("linux-image-" + series))
+    headers = set(apt.package_names("linux-headers-" + series))
+    best: dict[str, str] = {}
+    for name in names:
+        m = pat.fullmatch(name)
+        if m and f"linux-headers-{m.group(1)}" in headers:
+            kver = m.group(1)
+            # the signed image is the one a distribution boots; unsigned if alone
+            if kver not in best or not m.group(2):
+                best[kver] = name
+    if not best:
+        return None
+    kver = max(best, key=_version_key)
+    return kver, [best[kver], f"linux-headers-{kver}"]
+
+
+def served_series() -> list[str]:
+    """The supported series whose source package apt serves, oldest first."""
+    sources = set(apt.package_names("linux-source-"))
+    return [s for s in SUPPORTED_SERIES if f"linux-source-{s}" in sources]
+
+
+def default_series() -> str:
+    """The newest supported series that apt serves (or, offline, is installed)."""
+    served = served_series()
+    if served:
+        return served[-1]
+    have = [s for s in SUPPORTED_SERIES if installed_kernels(s)]
+    if have:
+        return have[-1]
+    raise KmodError(f"apt serves no linux-source package of a supported series "
+                    f"({', '.join(SUPPORTED_SERIES)}) and none is installed")
+
+
+def build_debs(series: str) -> list[str]:
+    """Everything building for ``series`` needs, as apt would install it now."""
+    check_series(series)
+    debs = [*BUILD_DEBS, f"linux-source-{series}"]
+    if not installed_kernels(series):
+        found = apt_kernel(series)
+        if found is None:
+            raise KmodError(f"apt serves no linux-image-{series}.*-amd64 with headers")
+        debs += found[1]
+    return debs
+
+
+def ensure_toolchain(series: str | None = None) -> Kernel:
+    """Install what a build for ``series`` (default: :func:`default_series`) needs;
+    return the newest installed kernel of that series."""
+    series = check_series(series or default_series())
+    apt.ensure_debs(build_debs(series))
+    return find_kernel(series)
+
+
+def series_dir(series: str = SUPPORTED_SERIES[-1]) -> Path:
+    return paths.patches_dir() / f"linux-{series}"
+
+
+def read_series(sdir: Path | None = None, *, series: str | None = None) -> list[Path]:
+    """The patches listed in ``series`` (of ``sdir``, default the kernel series'
+    own directory), in order (quilt syntax: ``#`` comments, blank lines and
+    ``-pN`` suffixes are allowed)."""
+    sdir = sdir or series_dir(series or SUPPORTED_SERIES[-1])
+    listing = sdir / "series"
+    if not listing.exists():
         return []
     out = []
-    for lineno, raw in enumerate(series.read_text().splitlines(), 1):
+    for lineno, raw in enumerate(listing.read_text().splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
         name = line.split()[0]
         p = sdir / name
         if not p.is_file():
-            raise KmodError(f"{series}:{lineno}: patch {name} listed but not found")
+            raise KmodError(f"{listing}:{lineno}: patch {name} listed but not found")
         out.append(p)
     return out
 
@@ -126,7 +215,7 @@ def series_key(patches: list[Path], kernel: Kernel) -> str:
     """Hash of everything that determines the built modules."""
     h = hashlib.sha256()
     h.update(f"builder={BUILDER_VERSION}\nkernel={kernel.version}\n".encode())
-    h.update(f"source={_deb_version('linux-source-6.1')}\n".encode())
+    h.update(f"source={_deb_version(f'linux-source-{kernel.series}')}\n".encode())
     for p in patches:
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
@@ -138,26 +227,28 @@ def _deb_version(pkg: str) -> str:
     return res.stdout.strip() or "unknown"
 
 
-def pristine_source() -> Path:
-    """Extract (once) the files we need from linux-source-6.1; return the tree."""
-    apt.ensure_debs(["linux-source-6.1", "xz-utils"])
-    dest = paths.build_dir() / "src" / f"linux-source-{_deb_version('linux-source-6.1')}"
+def pristine_source(series: str = SUPPORTED_SERIES[-1]) -> Path:
+    """Extract (once) the files we need from linux-source-<series>; return the tree."""
+    pkg = f"linux-source-{series}"
+    apt.ensure_debs([pkg, "xz-utils"])
+    tarball, prefix = Path(f"/usr/src/{pkg}.tar.xz"), f"{pkg}/"
+    dest = paths.build_dir() / "src" / f"{pkg}-{_deb_version(pkg)}"
     if (dest / ".complete").exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
     try:
-        with tarfile.open(SOURCE_TARBALL, "r:xz") as tar:
+        with tarfile.open(tarball, "r:xz") as tar:
             members = [
                 m for m in tar.getmembers()
-                if m.name.startswith(SOURCE_PREFIX)
-                and m.name[len(SOURCE_PREFIX):].startswith(SOURCE_MEMBERS)
+                if m.name.startswith(prefix)
+                and m.name[len(prefix):].startswith(SOURCE_MEMBERS)
             ]
             for m in members:
-                m.name = m.name[len(SOURCE_PREFIX):]
+                m.name = m.name[len(prefix):]
             tar.extractall(tmp, members=members, filter="data")
         if not (tmp / IPVS_SUBDIR / "ip_vs_core.c").exists():
-            raise KmodError(f"{SOURCE_TARBALL} has no {IPVS_SUBDIR}")
+            raise KmodError(f"{tarball} has no {IPVS_SUBDIR}")
         (tmp / ".complete").touch()
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
@@ -230,18 +321,20 @@ def cached_build(kernel: Kernel, key: str) -> Path:
     return paths.build_dir() / "kmod" / kernel.version / key
 
 
-def build(force: bool = False, patches: list[Path] | None = None) -> BuildResult:
-    """Build (or reuse) the patched modules for the installed 6.1 kernel."""
-    kernel = ensure_toolchain()
+def build(force: bool = False, patches: list[Path] | None = None,
+          series: str | None = None) -> BuildResult:
+    """Build (or reuse) the patched modules for the newest installed kernel of
+    ``series`` (default: :func:`default_series`), installing it if need be."""
+    kernel = ensure_toolchain(series)
     if patches is None:
-        patches = read_series()
+        patches = read_series(series=kernel.series)
     key = series_key(patches, kernel)
     out = cached_build(kernel, key)
     manifest = out / "manifest.json"
     if manifest.exists() and not force:
         return _result(kernel, key, out, rebuilt=False)
 
-    src = pristine_source()
+    src = pristine_source(kernel.series)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=out.parent))
     try:
@@ -307,12 +400,19 @@ def _result(kernel: Kernel, key: str, out: Path, rebuilt: bool) -> BuildResult:
     return BuildResult(kernel=kernel, key=key, directory=out, modules=mods, rebuilt=rebuilt)
 
 
-def export_tree(dest: Path, version: str) -> Path:
-    """Write the patched source tree for DKMS (or a manual build) to ``dest``."""
+def dkms_exclusive(series: str) -> str:
+    """DKMS's BUILD_EXCLUSIVE_KERNEL for a series: a regex of its releases only."""
+    return "^" + series.replace(".", r"\.") + r"\."
+
+
+def export_tree(dest: Path, version: str, series: str | None = None) -> Path:
+    """Write the patched source tree of ``series`` for DKMS (or a manual build)
+    to ``dest``; its dkms.conf refuses every kernel of another series."""
     if dest.exists() and any(dest.iterdir()):
         raise KmodError(f"{dest} exists and is not empty")
-    patches = read_series()
-    src = pristine_source()
+    series = check_series(series or default_series())
+    patches = read_series(series=series)
+    src = pristine_source(series)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=dest.parent if dest.parent.exists()
                                 else None))
     try:
@@ -322,7 +422,8 @@ def export_tree(dest: Path, version: str) -> Path:
             apply_patch(tree, p)
         glue = paths.patches_dir()
         shutil.copy2(glue / "dkms" / "Makefile", tree / "Makefile")
-        conf = (glue / "dkms.conf").read_text().replace("@VERSION@", version)
+        conf = (glue / "dkms.conf").read_text().replace("@VERSION@", version) \
+            .replace("@KERNEL_REGEX@", dkms_exclusive(series))
         (tree / "dkms.conf").write_text(conf)
         (tree / "PATCHES").write_text("".join(p.name + "\n" for p in patches))
         if dest.exists():
@@ -334,16 +435,17 @@ def export_tree(dest: Path, version: str) -> Path:
 
 
 def checkpatch(patches: list[Path] | None = None,
-               sources: list[Path] | None = None) -> list[tuple[Path, str]]:
-    """Run checkpatch.pl --strict over the series (and, as plain files, the
-    real-server module's C sources); return (file, report) for every file with
-    findings."""
-    src = pristine_source()
+               sources: list[Path] | None = None,
+               series: str = SUPPORTED_SERIES[-1]) -> list[tuple[Path, str]]:
+    """Run the checkpatch.pl of ``series``' source --strict over its patches
+    (and, as plain files, the real-server module's C sources); return (file,
+    report) for every file with findings."""
+    src = pristine_source(series)
     script = src / "scripts" / "checkpatch.pl"
     if sources is None:
         sources = sorted((paths.patches_dir() / "toa").glob("*.c"))
     jobs: list[tuple[Path, list[str]]] = [
-        (p, []) for p in (read_series() if patches is None else patches)]
+        (p, []) for p in (read_series(series=series) if patches is None else patches)]
     jobs += [(p, ["-f"]) for p in sources]
     problems = []
     for p, mode in jobs:
@@ -377,10 +479,11 @@ def toa_key(kernel: Kernel, src: Path | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def build_toa(force: bool = False) -> BuildResult:
-    """Build (or reuse) ``toa.ko`` for the installed 6.1 kernel, cached under
-    ``build/kmod/<kver>/toa-<key>/`` and renamed into place only when complete."""
-    kernel = ensure_toolchain()
+def build_toa(force: bool = False, series: str | None = None) -> BuildResult:
+    """Build (or reuse) ``toa.ko`` for the newest installed kernel of ``series``,
+    cached under ``build/kmod/<kver>/toa-<key>/`` and renamed into place only
+    when complete."""
+    kernel = ensure_toolchain(series)
     src = toa_dir()
     missing = [n for n in TOA_SOURCES if not (src / n).is_file()]
     if missing:

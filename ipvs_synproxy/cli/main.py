@@ -16,7 +16,7 @@ EXIT_USAGE = 2
 
 
 def _cmd_kmod_build(args: argparse.Namespace) -> int:
-    res = kmod.build(force=args.force)
+    res = kmod.build(force=args.force, series=args.kernel)
     state = "built" if res.rebuilt else "up to date"
     print(f"{state}: {len(res.modules)} modules for {res.kernel.version} "
           f"(series key {res.key}) in {res.directory / 'modules'}")
@@ -24,26 +24,29 @@ def _cmd_kmod_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_kmod_build_toa(args: argparse.Namespace) -> int:
-    res = kmod.build_toa(force=args.force)
+    res = kmod.build_toa(force=args.force, series=args.kernel)
     print(res.modules[0])
     return 0
 
 
 def _cmd_kmod_checkpatch(args: argparse.Namespace) -> int:
-    patches = kmod.read_series()
     sources = sorted((paths.patches_dir() / "toa").glob("*.c"))
-    problems = kmod.checkpatch(patches, sources)
-    for patch, report in problems:
-        print(f"== {patch.name}\n{report}")
-    print(f"checkpatch: {len(patches)} patches and {len(sources)} module sources, "
-          f"{len(problems)} with findings")
-    return 1 if problems else 0
+    found = 0
+    for series in [args.kernel] if args.kernel else kmod.SUPPORTED_SERIES:
+        patches = kmod.read_series(series=series)
+        problems = kmod.checkpatch(patches, sources, series=series)
+        for patch, report in problems:
+            print(f"== linux-{series}/{patch.name}\n{report}")
+        print(f"checkpatch {series}: {len(patches)} patches and {len(sources)} module "
+              f"sources, {len(problems)} with findings")
+        found += len(problems)
+    return 1 if found else 0
 
 
 def _cmd_kmod_dkms_tree(args: argparse.Namespace) -> int:
     from importlib.metadata import version
 
-    dest = kmod.export_tree(Path(args.dest).resolve(), version("ipvs-synproxy"))
+    dest = kmod.export_tree(Path(args.dest).resolve(), version("ipvs-synproxy"), args.kernel)
     print(f"patched source tree with dkms.conf in {dest}\n"
           f"next: dkms add {dest} && dkms install ipvs-synproxy/{version('ipvs-synproxy')}")
     return 0
@@ -61,7 +64,7 @@ def _cmd_vm_exec(args: argparse.Namespace) -> int:
     opts = vm.VmOptions(
         topology=args.topology, modules=args.modules, timeout=args.timeout,
         memory_mb=args.memory, cpus=args.cpus, forward_ports=tuple(args.forward),
-        cwd=Path.cwd(), keep_job=args.keep, verbose=args.verbose,
+        cwd=Path.cwd(), keep_job=args.keep, verbose=args.verbose, kernel=args.kernel,
     )
     return vm.run(cmd, opts).returncode
 
@@ -76,6 +79,19 @@ def _port(text: str) -> int:
     return port
 
 
+def _series(text: str) -> str:
+    try:
+        return kmod.check_series(text.strip())
+    except kmod.KmodError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _kernel_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--kernel", type=_series, metavar="SERIES",
+                   help=f"{what} for this kernel series ({' or '.join(kmod.SUPPORTED_SERIES)}; "
+                        "default: the newest that apt serves)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ipvs-synproxy",
@@ -87,30 +103,38 @@ def build_parser() -> argparse.ArgumentParser:
     km = sub.add_parser("kmod", help="build the patched IPVS modules")
     kms = km.add_subparsers(dest="action", required=True, metavar="ACTION")
     b = kms.add_parser("build", help="build (or reuse the cached) patched modules for the "
-                                     "installed Debian 6.1 kernel")
+                                     "newest Debian kernel of a series, installing it "
+                                     "if need be")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    _kernel_option(b, "build")
     b.set_defaults(func=_cmd_kmod_build)
     t = kms.add_parser("build-toa", help="build (or reuse the cached) real-server TOA "
                                          "module toa.ko; prints its path")
     t.add_argument("--force", action="store_true", help="rebuild even if cached")
+    _kernel_option(t, "build")
     t.set_defaults(func=_cmd_kmod_build_toa)
-    c = kms.add_parser("checkpatch", help="run checkpatch.pl over every patch in the series")
+    c = kms.add_parser("checkpatch", help="run checkpatch.pl over every patch of every "
+                                          "series (or of --kernel's)")
+    c.add_argument("--kernel", type=_series, metavar="SERIES",
+                   help=f"only this series ({' or '.join(kmod.SUPPORTED_SERIES)})")
     c.set_defaults(func=_cmd_kmod_checkpatch)
     t = kms.add_parser("dkms-tree", help="write the patched source tree with dkms.conf "
                                          "(for /usr/src/ipvs-synproxy-VERSION)")
     t.add_argument("dest", help="directory to create (must be absent or empty)")
+    _kernel_option(t, "the patches")
     t.set_defaults(func=_cmd_kmod_dkms_tree)
 
     v = sub.add_parser("vm", help="the QEMU testbed guest")
     vs = v.add_subparsers(dest="action", required=True, metavar="ACTION")
     e = vs.add_parser(
         "exec", help="boot the guest, run a command in it, exit with its status",
-        description="Boot the testbed guest (stock Debian 6.1 kernel, TCG, no network "
-                    "device), load the IPVS modules, optionally build the standard "
+        description="Boot the testbed guest (a stock Debian kernel of the chosen series, "
+                    "TCG, no network device), load the IPVS modules, optionally build the standard "
                     "topology (netns client, lb, rs1, rs2), run COMMAND from the current "
                     "directory and exit with its status. Any BUG/WARNING/Oops/SLUB report "
                     "in the guest's kernel log fails the run.",
     )
+    _kernel_option(e, "boot and build")
     e.add_argument("--topology", action="store_true",
                    help="build the standard topology before running the command")
     e.add_argument("--modules", choices=("patched", "stock"), default="patched",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,100 @@ def test_make_command_puts_our_headers_first() -> None:
     flags = next(a for a in argv if a.startswith("NOSTDINC_FLAGS="))
     assert flags == "NOSTDINC_FLAGS=-I/t/include -I/t/include/uapi"
     assert "M=/t/net/netfilter/ipvs" in argv
+
+
+# ---- which kernel series, which packages ------------------------------------------------
+
+APT = {
+    "linux-image-6.1": ["linux-image-6.1.0-56-amd64", "linux-image-6.1.0-57-amd64",
+                        "linux-image-6.1.0-57-amd64-unsigned", "linux-image-6.1.0-57-rt-amd64",
+                        "linux-image-6.1.0-57-cloud-amd64", "linux-image-6.1.0-58-amd64-dbg",
+                        "linux-image-6.12-amd64", "linux-image-6.12.118+deb12-amd64",
+                        "linux-image-6.12.9+deb12-amd64", "linux-image-6.12.120+deb12-amd64"],
+    "linux-headers-6.1": ["linux-headers-6.1.0-56-amd64", "linux-headers-6.1.0-57-amd64",
+                          "linux-headers-6.12.118+deb12-amd64", "linux-headers-6.12.9+deb12-amd64"],
+    "linux-source-": ["linux-source-6.1", "linux-source-6.12", "linux-source-5.10"],
+}
+
+
+def _apt(monkeypatch: pytest.MonkeyPatch, table: dict[str, list[str]]) -> None:
+    def names(prefix: str) -> list[str]:
+        return sorted({n for v in table.values() for n in v if n.startswith(prefix)})
+    monkeypatch.setattr(kmod.apt, "package_names", names)
+
+
+@pytest.mark.parametrize(("release", "series"), [
+    ("6.1.0-57-amd64", "6.1"), ("6.12.118+deb12-amd64", "6.12"),
+    ("6.12.9+deb13-cloud-amd64", "6.12"), ("5.10.0-30-amd64", "5.10"),
+])
+def test_the_series_of_a_release(release: str, series: str) -> None:
+    assert kmod.series_of(release) == series
+    assert kmod.Kernel(release).series == series
+
+
+def test_an_unsupported_series_is_an_error_naming_the_supported_ones() -> None:
+    with pytest.raises(kmod.KmodError, match=r"no patch series for Linux 5\.10: supported are "
+                                             + re.escape(", ".join(kmod.SUPPORTED_SERIES))):
+        kmod.check_series("5.10")
+    with pytest.raises(kmod.KmodError, match="not a kernel release"):
+        kmod.series_of("amd64")
+
+
+def test_apt_picks_the_newest_kernel_of_the_series_that_has_headers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _apt(monkeypatch, APT)
+    # 6.1.0-58 has only a -dbg image; -rt/-cloud are other flavours
+    assert kmod.apt_kernel("6.1") == ("6.1.0-57-amd64", ["linux-image-6.1.0-57-amd64",
+                                                         "linux-headers-6.1.0-57-amd64"])
+    # 6.12.120 has no headers; 6.12.118 > 6.12.9 by number, not by text
+    assert kmod.apt_kernel("6.12") == ("6.12.118+deb12-amd64",
+                                       ["linux-image-6.12.118+deb12-amd64",
+                                        "linux-headers-6.12.118+deb12-amd64"])
+    assert kmod.apt_kernel("6.6") is None
+
+
+def test_an_unsigned_image_is_taken_only_when_it_is_the_only_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _apt(monkeypatch, {"linux-image-6.12": ["linux-image-6.12.57+deb13-amd64-unsigned"],
+                       "linux-headers-6.12": ["linux-headers-6.12.57+deb13-amd64"]})
+    assert kmod.apt_kernel("6.12") == ("6.12.57+deb13-amd64",
+                                       ["linux-image-6.12.57+deb13-amd64-unsigned",
+                                        "linux-headers-6.12.57+deb13-amd64"])
+
+
+def test_the_default_series_is_the_newest_supported_one_apt_serves(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _apt(monkeypatch, APT)
+    assert kmod.served_series() == [s for s in kmod.SUPPORTED_SERIES
+                                    if s in ("6.1", "6.12")]
+    assert kmod.default_series() == kmod.served_series()[-1]
+    # a machine whose apt has only 6.12 (Debian 13): never asks for 6.1
+    _apt(monkeypatch, {"linux-source-": ["linux-source-6.12"]})
+    if "6.12" in kmod.SUPPORTED_SERIES:
+        assert kmod.default_series() == "6.12"
+    # nothing served, nothing installed: a clear error
+    _apt(monkeypatch, {})
+    monkeypatch.setattr(kmod, "installed_kernels", lambda series: [])
+    with pytest.raises(kmod.KmodError, match="apt serves no linux-source package"):
+        kmod.default_series()
+
+
+def test_build_debs_name_the_source_and_the_kernel_apt_serves(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _apt(monkeypatch, APT)
+    monkeypatch.setattr(kmod, "installed_kernels", lambda series: [])
+    debs = kmod.build_debs("6.1")
+    assert {"linux-source-6.1", "linux-image-6.1.0-57-amd64",
+            "linux-headers-6.1.0-57-amd64"} <= set(debs)
+    assert not any(d in ("linux-image-amd64", "linux-headers-amd64") for d in debs)
+
+
+def test_dkms_accepts_only_the_kernels_of_its_series() -> None:
+    pat = re.compile(kmod.dkms_exclusive("6.1"))
+    assert pat.match("6.1.0-57-amd64")
+    assert not pat.match("6.12.118+deb12-amd64")
+    assert not pat.match("6.10.1")
+    pat = re.compile(kmod.dkms_exclusive("6.12"))
+    assert pat.match("6.12.118+deb12-amd64") and not pat.match("6.1.0-57-amd64")
+    conf = (kmod.paths.patches_dir() / "dkms.conf").read_text()
+    assert 'BUILD_EXCLUSIVE_KERNEL="@KERNEL_REGEX@"' in conf

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ipvs_synproxy.build import kmod
 from ipvs_synproxy_testbed import initramfs, junit, topology, vm
 
 
@@ -149,3 +150,46 @@ def test_a_failed_run_ends_with_the_running_test_and_where_it_broke() -> None:
         "ip_vs_synproxy_timer+0x10/0x20 [ip_vs]"]
     assert vm._first_problem(log[:2]) is None
     assert vm._summary(log[:2], None) == ["last test started: tests/vm/test_b.py::test_two[x]"]
+
+
+def _fake_modules(tmp_path: Path, dep: str, builtin: str = "") -> kmod.Kernel:
+    version = "6.99.0-test"
+    mdir = tmp_path / version
+    mdir.mkdir()
+    (mdir / "modules.dep").write_text(dep)
+    (mdir / "modules.builtin").write_text(builtin)
+    return kmod.Kernel(version)
+
+
+def test_initramfs_modules_come_after_their_dependencies_and_skip_builtins(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kmod.Kernel, "modules_dir", property(lambda k: tmp_path / k.version))
+    kernel = _fake_modules(tmp_path, (
+        "kernel/fs/9p/9p.ko.xz: kernel/fs/netfs/netfs.ko.xz kernel/net/9p/9pnet.ko.xz\n"
+        "kernel/fs/netfs/netfs.ko.xz:\n"
+        "kernel/net/9p/9pnet.ko.xz:\n"
+        "kernel/net/9p/9pnet_virtio.ko.xz: kernel/net/9p/9pnet.ko.xz\n"
+        "kernel/fs/overlayfs/overlay.ko.xz:\n"),
+        builtin="kernel/drivers/virtio/virtio_pci.ko\nkernel/drivers/virtio/virtio.ko\n")
+    names = [n for n, _ in initramfs.load_order(kernel)]
+    assert names == ["9pnet", "9pnet_virtio", "netfs", "9p", "overlay"]
+    assert all(names.index(d) < names.index("9p") for d in ("netfs", "9pnet"))
+
+
+def test_a_module_neither_built_in_nor_listed_is_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kmod.Kernel, "modules_dir", property(lambda k: tmp_path / k.version))
+    kernel = _fake_modules(tmp_path, "kernel/fs/9p/9p.ko: kernel/fs/netfs/netfs.ko\n")
+    with pytest.raises(FileNotFoundError, match="virtio_pci"):
+        initramfs.load_order(kernel)
+
+
+def test_compressed_modules_are_stored_decompressed(tmp_path: Path) -> None:
+    import lzma
+
+    ko = tmp_path / "m.ko.xz"
+    ko.write_bytes(lzma.compress(b"\x7fELF module"))
+    assert initramfs._module_bytes(ko) == b"\x7fELF module"
+    plain = tmp_path / "m.ko"
+    plain.write_bytes(b"\x7fELF")
+    assert initramfs._module_bytes(plain) == b"\x7fELF"

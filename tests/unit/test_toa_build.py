@@ -26,7 +26,8 @@ def test_toa_key_follows_source_and_kernel(tmp_path: Path) -> None:
 
 
 def test_missing_sources_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kmod, "ensure_toolchain", lambda: kmod.Kernel("6.1.0-56-amd64"))
+    monkeypatch.setattr(kmod, "ensure_toolchain",
+                        lambda series=None: kmod.Kernel("6.1.0-56-amd64"))
     monkeypatch.setattr(kmod, "toa_dir", lambda: tmp_path)
     (tmp_path / "toa.c").write_text("int x;\n")
     with pytest.raises(kmod.KmodError, match="missing Kbuild"):
@@ -35,7 +36,7 @@ def test_missing_sources_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_a_cached_module_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kernel = kmod.Kernel("6.1.0-56-amd64")
-    monkeypatch.setattr(kmod, "ensure_toolchain", lambda: kernel)
+    monkeypatch.setattr(kmod, "ensure_toolchain", lambda series=None: kernel)
     monkeypatch.setattr(kmod, "toa_dir", lambda: _src(tmp_path / "src"))
     monkeypatch.setenv("IPVS_SYNPROXY_BUILD", str(tmp_path / "build"))
     out = kmod.cached_build(kernel, f"toa-{kmod.toa_key(kernel)}")
@@ -49,7 +50,7 @@ def test_a_cached_module_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_cli_prints_the_module_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     ko = tmp_path / "toa.ko"
-    monkeypatch.setattr(kmod, "build_toa", lambda force=False: kmod.BuildResult(
+    monkeypatch.setattr(kmod, "build_toa", lambda force=False, series=None: kmod.BuildResult(
         kernel=kmod.Kernel("6.1.0-56-amd64"), key="k", directory=tmp_path, modules=(ko,),
         rebuilt=False))
     assert cli.main(["kmod", "build-toa"]) == 0
