@@ -378,11 +378,11 @@ class ConsoleService:
             value = live.get(name)
             out.append({
                 "name": f"{sysctl_mod.PREFIX}{name}",
-                "value": None if value is None else " ".join(map(str, value)),
+                "value": None if value is None else sysctl_mod.display(name, value),
                 "present": value is not None,
                 "default": knob.default.replace("\t", " ") if knob else None,
                 "changed": (value is not None and knob is not None and bool(knob.default)
-                            and " ".join(map(str, value)) != knob.default.replace("\t", " ")),
+                            and sysctl_mod.display(name, value) != knob.default.replace("\t", " ")),
                 "meaning": knob.meaning if knob else None,
                 "origin": knob.origin if knob else None,
             })

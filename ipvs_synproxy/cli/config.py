@@ -166,7 +166,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 def _knob_json(name: str, value: sysctl.Value | None) -> dict[str, Any]:
     knob = sysctl.describe(name)
     return {"name": f"{sysctl.PREFIX}{name}",
-            "value": None if value is None else " ".join(map(str, value)),
+            "value": None if value is None else sysctl.display(name, value),
             "present": value is not None,
             "default": knob.default.replace("\t", " ") if knob else None,
             "meaning": knob.meaning if knob else None,
@@ -174,7 +174,7 @@ def _knob_json(name: str, value: sysctl.Value | None) -> dict[str, Any]:
 
 
 def _knob_line(name: str, value: sysctl.Value | None, describe: bool) -> str:
-    text = "(not present)" if value is None else " ".join(map(str, value))
+    text = "(not present)" if value is None else sysctl.display(name, value)
     line = f"{sysctl.PREFIX}{name} = {text}"
     knob = sysctl.describe(name)
     if describe:

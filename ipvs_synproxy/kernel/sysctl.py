@@ -4,8 +4,8 @@
 plus the lblc/lblcr schedulers' own) and those the ipvs-synproxy series adds
 (``kernel_patches/linux-6.1``), with the kernel's default, a one-line meaning
 and the values the kernel accepts. Values are handled as tuples of integers
-(one for most knobs, two for ``sync_threshold``), written the way the kernel
-prints them.
+(one for most knobs, two for ``sync_threshold``, the CPU numbers of a CPU list
+such as 6.12's ``est_cpulist``), written the way the kernel prints them.
 
 Sysctls are per network namespace: :class:`Sysctls` reads and writes them in
 the current namespace or a named one. Reading /proc/sys is not netlink, so it
@@ -26,6 +26,7 @@ INT_MIN, INT_MAX = -0x8000_0000, 0x7FFF_FFFF
 ULONG_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 Value = tuple[int, ...]
+CPU_LIMIT = 8192  # the kernel's NR_CPUS ceiling on x86_64
 
 
 class SysctlError(Exception):
@@ -51,8 +52,16 @@ class Knob:
     hi: int = INT_MAX
     count: int = 1
     power_of_two: bool = False
+    cpulist: bool = False  # a CPU list ("0-3,6"): the value is the CPU numbers
 
     def validate(self, value: Value) -> None:
+        if self.cpulist:
+            if not value:
+                raise SysctlError(self.name, "empty CPU list")
+            bad = [v for v in value if not 0 <= v < CPU_LIMIT]
+            if bad:
+                raise SysctlError(self.name, f"CPU {bad[0]} out of range 0-{CPU_LIMIT - 1}")
+            return
         if len(value) != self.count:
             raise SysctlError(self.name, f"takes {self.count} integer"
                                          f"{'s' if self.count > 1 else ''}, got {len(value)}")
@@ -126,6 +135,10 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     _b("ignore_tunneled", 0, "mark packets of unknown protocols (tunnels) as IPVS's so "
        "they are not scheduled again"),
     _b("run_estimation", 1, "compute the rate estimators (CPS, PPS, BPS)"),
+    Knob("est_cpulist", "", "CPUs the rate-estimation kthreads may run on (Linux 6.12; "
+         "default: the housekeeping CPUs)", origin="stock (6.12)", cpulist=True, count=0),
+    Knob("est_nice", "0", "nice value of the rate-estimation kthreads (Linux 6.12)",
+         origin="stock (6.12)", lo=-20, hi=19),
     Knob("debug_level", "0", "kernel log verbosity (only with CONFIG_IP_VS_DEBUG, not "
          "in Debian's kernel)", lo=0),
     Knob("lblc_expiration", "86400", "seconds before an unused lblc scheduler entry is "
@@ -187,9 +200,43 @@ def short_name(name: str) -> str:
     return n[len(PREFIX):] if n.startswith(PREFIX) else n
 
 
+def parse_cpulist(name: str, text: str) -> Value:
+    """``"0-3,6"`` (the kernel's cpulist syntax) → (0, 1, 2, 3, 6)."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            first = int(lo, 10)
+            last = int(hi, 10) if sep else first
+        except ValueError:
+            raise SysctlError(name, f"not a CPU list: {text.strip()!r}") from None
+        if first > last or last - first >= CPU_LIMIT:
+            raise SysctlError(name, f"not a CPU range: {part.strip()!r}")
+        cpus.update(range(first, last + 1))
+    return tuple(sorted(cpus))
+
+
+def format_cpulist(value: Value) -> str:
+    """(0, 1, 2, 3, 6) → ``"0-3,6"``."""
+    runs: list[list[int]] = []
+    for cpu in sorted(set(value)):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def parse_value(name: str, value: object, knob: Knob | None = None) -> Value:
-    """An integer, a string of integers (``"3 50"``) or a list of integers."""
+    """An integer, a string of integers (``"3 50"``) or a list of integers; for a
+    CPU-list knob also the kernel's ``"0-3,6"`` syntax."""
     items: Sequence[object]
+    documented = knob if knob is not None else KNOBS.get(short_name(name))
+    if documented is not None and documented.cpulist and isinstance(value, str):
+        cpus = parse_cpulist(name, value) if value.strip() else ()
+        if knob is not None:
+            knob.validate(cpus)
+        return cpus
     if isinstance(value, bool):
         raise SysctlError(name, f"not an integer: {value!r} (write 0 or 1)")
     if isinstance(value, int):
@@ -228,8 +275,17 @@ def validate(name: str, value: object) -> tuple[str, Value]:
     return short, parse_value(short, value, knob)
 
 
-def format_value(value: Value) -> str:
+def format_value(value: Value, name: str = "") -> str:
+    """How the kernel takes (and prints) a value."""
+    knob = KNOBS.get(short_name(name)) if name else None
+    if knob is not None and knob.cpulist:
+        return format_cpulist(value)
     return "\t".join(str(v) for v in value)
+
+
+def display(name: str, value: Value) -> str:
+    """A value as an operator writes it: ``3 50``, ``0-3,6``."""
+    return format_value(value, name).replace("\t", " ")
 
 
 class Sysctls:
@@ -286,7 +342,7 @@ class Sysctls:
             with self._ns():
                 fd = os.open(path, os.O_WRONLY)  # never create: /proc/sys or nothing
             try:
-                os.write(fd, (format_value(value) + "\n").encode())
+                os.write(fd, (format_value(value, short) + "\n").encode())
             finally:
                 os.close(fd)
         except FileNotFoundError:
@@ -294,7 +350,7 @@ class Sysctls:
         except OSError as exc:
             why = "the kernel rejected the value" if exc.errno == errno.EINVAL \
                 else exc.strerror
-            raise SysctlError(short, f"cannot set to {' '.join(map(str, value))}: "
+            raise SysctlError(short, f"cannot set to {display(short, value)}: "
                                      f"{why}") from None
 
     def _missing(self, short: str) -> SysctlMissing:

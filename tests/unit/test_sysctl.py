@@ -159,3 +159,27 @@ def test_cli_set_failure_restores_the_knobs_already_set(
     err = capsys.readouterr().err
     assert "net.ipv4.vs.fullnat_toa: not present" in err and "restored 1 knob" in err
     assert (procdir / "sloppy_tcp").read_text() == "0\n"
+
+
+@pytest.mark.parametrize(("text", "cpus", "canonical"), [
+    ("0-1", (0, 1), "0-1"), ("0-3,6", (0, 1, 2, 3, 6), "0-3,6"), ("5", (5,), "5"),
+    ("3,1,2", (1, 2, 3), "1-3"), (" 0-1\n", (0, 1), "0-1"),
+])
+def test_a_cpu_list_knob_reads_and_writes_the_kernels_syntax(
+        text: str, cpus: tuple[int, ...], canonical: str) -> None:
+    assert sysctl.parse_value("est_cpulist", text) == cpus
+    assert sysctl.format_value(cpus, "est_cpulist") == canonical
+    assert sysctl.display("net.ipv4.vs.est_cpulist", cpus) == canonical
+    assert sysctl.validate("est_cpulist", text) == ("est_cpulist", cpus)
+
+
+@pytest.mark.parametrize("bad", ["", "a", "1-", "3-1", "0-99999", "1,,2", "8192"])
+def test_a_bad_cpu_list_is_refused(bad: str) -> None:
+    with pytest.raises(sysctl.SysctlError):
+        sysctl.validate("est_cpulist", bad)
+
+
+def test_est_nice_is_a_nice_value() -> None:
+    assert sysctl.validate("est_nice", "-5") == ("est_nice", (-5,))
+    with pytest.raises(sysctl.SysctlError, match="out of range -20-19"):
+        sysctl.validate("est_nice", "20")
