@@ -86,12 +86,20 @@ def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> bool:
     return cond()
 
 
+SO_RCVBUFFORCE = 33  # socket.SO_RCVBUFFORCE is missing from Python's socket module
+CAPTURE_BUFFER = 32 << 20
+
+
 class Capture:
     """Frames arriving at ``ns``'s ``dev``, collected by a thread (AF_PACKET)."""
 
     def __init__(self, ns: str, dev: str = "eth0") -> None:
         with netns.netns(ns):
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+        # A burst (hundreds of SYN/ACKs) must not overflow the socket while the
+        # collecting thread waits for the GIL on a slow emulated vCPU: the
+        # default 208 KiB holds fewer than 300 small frames.
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, CAPTURE_BUFFER)
         self.sock.bind((dev, 0))
         self.sock.settimeout(0.2)
         self.frames: list[bytes] = []

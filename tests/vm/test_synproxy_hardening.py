@@ -76,6 +76,11 @@ def http(port: int = 80, sport: int = 0, timeout: float = 5.0, send: bool = True
         with contextlib.suppress(TimeoutError, ConnectionError):
             while chunk := s.recv(65536):
                 out += chunk
+        if not out:
+            # Nothing came back: close with a RST. A FIN would leave an orphan
+            # retransmitting the request (each segment an ACK carrying the
+            # cookie) for minutes, into the next tests' counters.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         return out
 
 
