@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Debian packages (QEMU, the 6.1 kernel image/headers/source, busybox, ipvsadm,
+# Debian packages (QEMU, each supported kernel series' image/headers/source, busybox, ipvsadm,
 # tcpdump, cpio, chromium ...): installed with apt only when missing.
 deps: venv
 	$(PY) -m ipvs_synproxy_testbed.deps
@@ -31,8 +31,8 @@ kmod: deps
 
 # Static checks: Python lint and types, and checkpatch over the kernel series.
 check: deps
-	$(VENV)/bin/ruff check ipvs_synproxy webui tests bench
-	$(VENV)/bin/mypy ipvs_synproxy webui bench
+	$(VENV)/bin/ruff check ipvs_synproxy ipvs_synproxy_testbed webui tests bench
+	$(VENV)/bin/mypy ipvs_synproxy ipvs_synproxy_testbed webui bench
 	$(SP) kmod checkpatch
 
 # Fast host tests: no kernel involved.
@@ -44,14 +44,13 @@ testbed-test: deps
 	$(PY) -m pytest -q tests/testbed
 
 # End-to-end tests inside the guest against the real patched modules.
+# The whole suite once per supported kernel series apt serves, the guests side
+# by side; reports and logs in $(RESULTS)/vm-<series>.{xml,log}. VM_ARGS=--serial
+# runs them one after another; VM_ARGS="--kernel 6.12" a preview series.
+VM_ARGS ?=
 vm-test: deps
-	$(SP) kmod build-toa
 	$(SP) keepalived build
-	mkdir -p $(RESULTS)
-	rm -f $(RESULTS)/vm.xml
-	$(SP) vm exec --topology --timeout $(VM_TIMEOUT) -- \
-		python -m pytest -q -p no:cacheprovider tests/vm --junitxml=$(abspath $(RESULTS))/vm.xml
-	$(PY) -m ipvs_synproxy_testbed.junit $(RESULTS)/vm.xml
+	$(PY) -m ipvs_synproxy_testbed.suite --timeout $(VM_TIMEOUT) --results $(RESULTS) $(VM_ARGS)
 
 test: check unit testbed-test vm-test
 
@@ -68,15 +67,18 @@ demo: deps
 		$(if $(DEMO_HOLD),--hold $(DEMO_HOLD))
 
 # Benchmarks (bench/README.md): every contender measured in one guest boot, then
-# bench/results/bench-<time>.json, bench/results/bench.png and the README table.
+# bench/results/bench-<time>.json, bench/results/bench.png and the README table
+# (which names the guest's kernel). KERNEL=6.12 (or 6.1) picks the series;
+# default the newest supported one apt serves.
 BENCH_TIMEOUT ?= 2400
 BENCH_ARGS ?=
 BENCH_RAW := build/bench/run.json
+KERNEL ?=
 bench: deps
-	$(SP) kmod build
+	$(SP) kmod build $(if $(KERNEL),--kernel $(KERNEL))
 	mkdir -p build/bench
 	rm -f $(BENCH_RAW)
-	$(SP) vm exec --topology --timeout $(BENCH_TIMEOUT) -- \
+	$(SP) vm exec $(if $(KERNEL),--kernel $(KERNEL)) --topology --timeout $(BENCH_TIMEOUT) -- \
 		python -m bench.run --out $(BENCH_RAW) $(BENCH_ARGS)
 	$(PY) -m bench.report $(BENCH_RAW) --results bench/results --readme README.md
 

@@ -330,7 +330,7 @@ def _contender_tables(res: Record) -> list[str]:
     return lines
 
 
-def host_description() -> Record:
+def host_description(guest_kernel: str = "?") -> Record:
     model = "?"
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
@@ -339,8 +339,8 @@ def host_description() -> Record:
     except OSError:
         pass
     n = os.cpu_count() or 0
-    desc = (f"a 2-vCPU QEMU TCG guest (Debian 6.1 kernel, software emulation) on a {n}-core "
-            f"{model} host")
+    desc = (f"a 2-vCPU QEMU TCG guest (Debian kernel {guest_kernel}, software emulation) "
+            f"on a {n}-core {model} host")
     return {"cpus": n, "cpu_model": model, "platform": platform.platform(),
             "loadavg": os.getloadavg(), "description": desc}
 
@@ -444,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("a raw run file is needed")
     raw = json.loads(args.raw.read_text())
     res: Record = {"run": {k: v for k, v in raw.items() if k != "records"},
-                   "host": host_description(), **analyse(raw), "records": raw["records"]}
+                   "host": host_description(raw.get("guest", {}).get("kernel", "?")),
+                   **analyse(raw), "records": raw["records"]}
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = raw["started"].replace("-", "").replace(":", "")
     out = args.results / f"bench-{stamp}.json"

@@ -32,7 +32,7 @@ def _cmd_kmod_build_toa(args: argparse.Namespace) -> int:
 def _cmd_kmod_checkpatch(args: argparse.Namespace) -> int:
     sources = sorted((paths.patches_dir() / "toa").glob("*.c"))
     found = 0
-    for series in [args.kernel] if args.kernel else kmod.SUPPORTED_SERIES:
+    for series in [args.kernel] if args.kernel else kmod.known_series():
         patches = kmod.read_series(series=series)
         problems = kmod.checkpatch(patches, sources, series=series)
         for patch, report in problems:
@@ -88,8 +88,8 @@ def _series(text: str) -> str:
 
 def _kernel_option(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--kernel", type=_series, metavar="SERIES",
-                   help=f"{what} for this kernel series ({' or '.join(kmod.SUPPORTED_SERIES)}; "
-                        "default: the newest that apt serves)")
+                   help=f"{what} for this kernel series ({' or '.join(kmod.known_series())}; "
+                        "default: the newest supported one that apt serves)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = kms.add_parser("checkpatch", help="run checkpatch.pl over every patch of every "
                                           "series (or of --kernel's)")
     c.add_argument("--kernel", type=_series, metavar="SERIES",
-                   help=f"only this series ({' or '.join(kmod.SUPPORTED_SERIES)})")
+                   help=f"only this series ({' or '.join(kmod.known_series())})")
     c.set_defaults(func=_cmd_kmod_checkpatch)
     t = kms.add_parser("dkms-tree", help="write the patched source tree with dkms.conf "
                                          "(for /usr/src/ipvs-synproxy-VERSION)")

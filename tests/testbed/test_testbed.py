@@ -1,4 +1,5 @@
-"""The testbed contract (DESIGN.md): what `ipvs-synproxy vm exec` promises."""
+"""The testbed contract (DESIGN.md): what `ipvs-synproxy vm exec` promises, on
+every supported kernel series apt serves (the same topology, the same contract)."""
 
 from __future__ import annotations
 
@@ -14,57 +15,64 @@ from ipvs_synproxy.build import kmod, paths
 HERE = Path(__file__).parent
 
 
-def vm_exec(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(params=kmod.served_series())
+def series(request: pytest.FixtureRequest) -> str:
+    """Each supported kernel series apt serves: every test here runs on each."""
+    return str(request.param)
+
+
+def vm_exec(series: str, *args: str, timeout: float = 600
+            ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ipvs_synproxy.cli", "vm", "exec", *args],
+        [sys.executable, "-m", "ipvs_synproxy.cli", "vm", "exec", "--kernel", series, *args],
         capture_output=True, text=True, timeout=timeout, check=False,
     )
 
 
-def test_topology_has_the_four_hosts() -> None:
-    res = vm_exec("--topology", "--", "ip", "netns", "list")
+def test_topology_has_the_four_hosts(series: str) -> None:
+    res = vm_exec(series, "--topology", "--", "ip", "netns", "list")
     assert res.returncode == 0, res.stderr
     names = {line.split()[0] for line in res.stdout.splitlines() if line.strip()}
     assert names == {"client", "lb", "rs1", "rs2"}
 
 
-def test_command_status_is_passed_through() -> None:
-    assert vm_exec("--", "false").returncode != 0
-    res = vm_exec("--", "sh", "-c", "echo out; echo err >&2; exit 7")
+def test_command_status_is_passed_through(series: str) -> None:
+    assert vm_exec(series, "--", "false").returncode != 0
+    res = vm_exec(series, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert res.returncode == 7
     assert res.stdout == "out\n"
     assert "err" in res.stderr
 
 
-def test_guest_boots_with_the_contract_flags_and_no_network_device() -> None:
-    res = vm_exec("--", "sh", "-c", "cat /proc/cmdline; ls /sys/class/net")
+def test_guest_boots_with_the_contract_flags_and_no_network_device(series: str) -> None:
+    res = vm_exec(series, "--", "sh", "-c", "cat /proc/cmdline; ls /sys/class/net")
     assert res.returncode == 0, res.stderr
     cmdline, _, ifaces = res.stdout.partition("\n")
     assert "slub_debug=FZPU" in cmdline and "panic_on_warn=1" in cmdline
     assert ifaces.split() == ["lo"]
 
 
-def test_patched_modules_are_the_ones_loaded() -> None:
+def test_patched_modules_are_the_ones_loaded(series: str) -> None:
     script = ("modprobe ip_vs_wlc && cat /sys/module/ip_vs/taint /sys/module/ip_vs_wlc/taint"
               " && modinfo -n ip_vs ip_vs_wlc")
-    patched = vm_exec("--", "sh", "-c", script)
+    patched = vm_exec(series, "--", "sh", "-c", script)
     assert patched.returncode == 0, patched.stderr
     taint_vs, taint_wlc, path_vs, path_wlc = patched.stdout.split()
     # Out-of-tree modules taint with O; the kernel's own request_module path
     # (modprobe of a scheduler) must resolve to our build too.
     assert "O" in taint_vs and "O" in taint_wlc
     assert "updates/ipvs-synproxy" in path_vs and "updates/ipvs-synproxy" in path_wlc
-    stock = vm_exec("--modules", "stock", "--", "sh", "-c", script)
+    stock = vm_exec(series, "--modules", "stock", "--", "sh", "-c", script)
     assert stock.returncode == 0, stock.stderr
     assert "O" not in stock.stdout.split()[0]
     assert "updates/" not in stock.stdout
 
 
-@pytest.fixture(scope="module")
-def warn_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    kernel = kmod.ensure_toolchain()
+@pytest.fixture
+def warn_module(series: str) -> Path:
+    kernel = kmod.ensure_toolchain(series)
     # Build inside the read-write build cache so the guest can reach the .ko.
-    out = paths.build_dir() / "test-kmods" / "warn"
+    out = paths.build_dir() / "test-kmods" / kernel.version / "warn"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(HERE / "warn_kmod", out)
     subprocess.run(["make", "-C", str(kernel.build_tree), f"M={out}", "modules"],
@@ -72,16 +80,16 @@ def warn_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "sp_warn.ko"
 
 
-def test_guest_kernel_warning_fails_the_run(warn_module: Path) -> None:
-    res = vm_exec("--", "insmod", str(warn_module))
+def test_guest_kernel_warning_fails_the_run(series: str, warn_module: Path) -> None:
+    res = vm_exec(series, "--", "insmod", str(warn_module))
     assert res.returncode != 0
     assert "deliberate warning" in res.stderr
     assert "kernel problems" in res.stderr
 
 
-def test_unchanged_series_is_not_rebuilt() -> None:
-    kmod.build()
-    again = kmod.build()
+def test_unchanged_series_is_not_rebuilt(series: str) -> None:
+    kmod.build(series=series)
+    again = kmod.build(series=series)
     assert not again.rebuilt
     assert (again.directory / "manifest.json").exists()
 
@@ -111,26 +119,27 @@ DOES_NOT_APPLY = """\
 """
 
 
-def test_patch_that_does_not_apply_is_named(tmp_path: Path) -> None:
+def test_patch_that_does_not_apply_is_named(tmp_path: Path, series: str) -> None:
     bad = _patch(tmp_path, "0001-does-not-apply.patch", DOES_NOT_APPLY)
     with pytest.raises(kmod.KmodError, match=r"patch 0001-does-not-apply\.patch does not apply"):
-        kmod.build(patches=[bad])
+        kmod.build(patches=[bad], series=series)
 
 
-def test_patch_that_does_not_compile_is_named_and_nothing_is_cached(tmp_path: Path) -> None:
+def test_patch_that_does_not_compile_is_named_and_nothing_is_cached(
+        tmp_path: Path, series: str) -> None:
     bad = _patch(tmp_path, "0001-breaks.patch", BREAKS_COMPILE)
-    kernel = kmod.find_kernel()
+    kernel = kmod.find_kernel(series)
     key = kmod.series_key([bad], kernel)
     with pytest.raises(kmod.KmodError, match=r"patch 0001-breaks\.patch does not compile"):
-        kmod.build(patches=[bad])
+        kmod.build(patches=[bad], series=series)
     out = kmod.cached_build(kernel, key)
     assert not out.exists()
     assert not list(out.parent.glob(f".build-{key}-*"))
 
 
-def test_exported_dkms_tree_builds_on_its_own(tmp_path: Path) -> None:
-    kernel = kmod.ensure_toolchain()
-    tree = kmod.export_tree(tmp_path / "ipvs-synproxy-0.0", "0.0")
+def test_exported_dkms_tree_builds_on_its_own(tmp_path: Path, series: str) -> None:
+    kernel = kmod.ensure_toolchain(series)
+    tree = kmod.export_tree(tmp_path / "ipvs-synproxy-0.0", "0.0", series)
     assert 'PACKAGE_VERSION="0.0"' in (tree / "dkms.conf").read_text()
     subprocess.run(["make", "-C", str(tree), f"KVER={kernel.version}"], check=True,
                    capture_output=True, timeout=600)

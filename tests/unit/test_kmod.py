@@ -149,3 +149,16 @@ def test_dkms_accepts_only_the_kernels_of_its_series() -> None:
     assert pat.match("6.12.118+deb12-amd64") and not pat.match("6.1.0-57-amd64")
     conf = (kmod.paths.patches_dir() / "dkms.conf").read_text()
     assert 'BUILD_EXCLUSIVE_KERNEL="@KERNEL_REGEX@"' in conf
+
+
+def test_a_preview_series_is_accepted_by_name_but_never_the_default(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kmod, "SUPPORTED_SERIES", ("6.1",))
+    monkeypatch.setattr(kmod, "PREVIEW_SERIES", ("6.12",))
+    assert kmod.check_series("6.12") == "6.12"
+    assert kmod.known_series() == ("6.1", "6.12")
+    _apt(monkeypatch, APT)
+    assert kmod.served_series() == ["6.1"]
+    assert kmod.default_series() == "6.1"
+    with pytest.raises(kmod.KmodError, match=r"supported are 6\.1 \(preview: 6\.12\)"):
+        kmod.check_series("6.6")
