@@ -18,13 +18,13 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
 
 from ipvs_synproxy.build import paths
 from ipvs_synproxy_testbed import demo as demo_mod
+from tests.testbed.guestrun import GuestRun
 
 HOLD = 40
 LOGIN = re.compile(r"login: user (\S+), password (\S+)")
@@ -38,26 +38,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Demo:
+class Demo(GuestRun):
     def __init__(self, port: int) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ipvs_synproxy.cli", "vm", "exec", "--topology",
-             "--forward", str(port), "--timeout", "600", "--",
-             "python", "-m", "ipvs_synproxy_testbed.demo", "--console-port", str(port),
-             "--hold", str(HOLD)],
-            cwd=paths.project_root(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def output(self) -> str:
-        return "".join(self.lines)
+        super().__init__("--topology", "--forward", str(port), "--timeout", "600", "--",
+                         "python", "-m", "ipvs_synproxy_testbed.demo", "--console-port",
+                         str(port), "--hold", str(HOLD))
 
 
 def _login(base: str, user: str, password: str) -> str:

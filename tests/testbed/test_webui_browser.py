@@ -21,7 +21,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -33,6 +32,7 @@ import pytest
 from werkzeug.security import generate_password_hash
 
 from ipvs_synproxy.build import apt, paths
+from tests.testbed.guestrun import GuestRun
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -131,28 +131,13 @@ def _wait(what: str, check: Any, timeout: float = 60) -> Any:
         time.sleep(0.5)
 
 
-class Guest:
-    """``vm exec`` running the guest side, its output collected as it comes."""
+class Guest(GuestRun):
+    """The console and its traffic in the guest (tests/testbed/webui_guest.py)."""
 
     def __init__(self, config: Path, stopfile: Path, port: int) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ipvs_synproxy.cli", "vm", "exec", "--topology",
-             "--forward", str(port), "--timeout", "1500", "--",
-             sys.executable, "-m", "tests.testbed.webui_guest", str(config), str(stopfile),
-             str(port)],
-            cwd=paths.project_root(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def output(self) -> str:
-        return "".join(self.lines)
+        super().__init__("--topology", "--forward", str(port), "--timeout", "1500", "--",
+                         sys.executable, "-m", "tests.testbed.webui_guest", str(config),
+                         str(stopfile), str(port))
 
 
 @pytest.fixture

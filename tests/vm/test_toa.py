@@ -53,23 +53,6 @@ def _checksum(data: bytes) -> int:
     return int(~s & 0xFFFF)
 
 
-def _ns_raw_socket(ns: str, family: socket.AddressFamily) -> socket.socket:
-    box: list[socket.socket | BaseException] = []
-
-    def make() -> None:
-        try:
-            with netns.netns(ns):
-                box.append(socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_TCP))
-        except BaseException as exc:
-            box.append(exc)
-
-    t = threading.Thread(target=make)
-    t.start()
-    t.join()
-    if isinstance(box[0], BaseException):
-        raise box[0]
-    return box[0]
-
 
 class RawTcp:
     """Hand-made TCP segments from ``src`` in lb to ``dst``:``dport``."""
@@ -79,7 +62,7 @@ class RawTcp:
         self.src, self.dst, self.dport = src, dst, dport
         self.sport = next(_sports)
         self.isn = random.getrandbits(32)
-        self.sock = _ns_raw_socket("lb", self.family)
+        self.sock = netns.socket_in("lb", self.family, socket.SOCK_RAW, socket.IPPROTO_TCP)
         self.sock.bind((src, 0))
         self.sock.settimeout(10)
 
@@ -140,16 +123,7 @@ class Listener:
 
     def __init__(self, addr: str, port: int, dual_stack: bool = False) -> None:
         fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
-        box: list[socket.socket] = []
-
-        def make() -> None:
-            with netns.netns("rs1"):
-                box.append(socket.socket(fam, socket.SOCK_STREAM))
-
-        t = threading.Thread(target=make)
-        t.start()
-        t.join()
-        self.sock = box[0]
+        self.sock = netns.socket_in("rs1", fam, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if fam == socket.AF_INET6:
             self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY,

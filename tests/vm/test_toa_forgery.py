@@ -24,7 +24,6 @@ import os
 import random
 import socket
 import struct
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -129,16 +128,7 @@ class Server:
 
     def __init__(self, addr: str) -> None:
         fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
-        box: list[socket.socket] = []
-
-        def make() -> None:
-            with netns.netns("rs1"):
-                box.append(socket.socket(fam, socket.SOCK_STREAM))
-
-        t = threading.Thread(target=make)
-        t.start()
-        t.join()
-        self.sock = box[0]
+        self.sock = netns.socket_in("rs1", fam, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((addr, RS_PORT))
         self.sock.listen(64)
