@@ -37,6 +37,14 @@ def missing_debs(packages: list[str]) -> list[str]:
     return missing
 
 
+def installed_version(pkg: str) -> str | None:
+    """The version of ``pkg`` dpkg has installed, or None."""
+    res = subprocess.run(["dpkg-query", "-W", "-f=${Version} ${db:Status-Status}", pkg],
+                         capture_output=True, text=True, check=False)
+    version, _, status = res.stdout.strip().partition(" ")
+    return version if res.returncode == 0 and status == "installed" else None
+
+
 def update() -> None:
     """``apt-get update``, once per process."""
     global _apt_updated

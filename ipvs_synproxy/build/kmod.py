@@ -31,10 +31,10 @@ from ipvs_synproxy.build import apt, paths
 # oldest first: defaults, `make test` and the DKMS test cover these. A series joins
 # the list only when its patches carry every feature and the whole guest suite
 # passes on it in `make test`.
-SUPPORTED_SERIES = ("6.1",)
+SUPPORTED_SERIES = ("6.1", "6.12")
 # Series whose patches are complete but not yet held to the whole suite in
 # `make test`: built, checkpatched and bootable with an explicit --kernel.
-PREVIEW_SERIES = ("6.12",)
+PREVIEW_SERIES: tuple[str, ...] = ()
 # What every build needs besides the kernel's own packages.
 BUILD_DEBS = ["build-essential", "bc", "xz-utils", "patch", "kmod"]
 
@@ -125,12 +125,37 @@ def installed_kernels(series: str) -> list[Kernel]:
     return sorted(found, key=lambda k: _version_key(k.version))
 
 
-def find_kernel(series: str = SUPPORTED_SERIES[-1]) -> Kernel:
-    """The newest installed Debian kernel of ``series`` with image and headers."""
+def image_version(kernel: Kernel) -> str | None:
+    """The Debian version of the kernel's installed image package."""
+    for pkg in (f"linux-image-{kernel.version}", f"linux-image-{kernel.version}-unsigned"):
+        version = apt.installed_version(pkg)
+        if version:
+            return version
+    return None
+
+
+def source_kernels(series: str) -> list[Kernel]:
+    """Installed kernels of ``series`` built from the installed linux-source
+    package: the patches apply to that source, and its IPVS must compile
+    against the kernel's headers (a stable update changes the headers'
+    API: 6.1.176 lacks the dst_rt6_info() of 6.1.192). All of them if no
+    source is installed yet, oldest first."""
     found = installed_kernels(series)
+    source = apt.installed_version(f"linux-source-{series}")
+    if source is None:
+        return found
+    return [k for k in found if image_version(k) == source]
+
+
+def find_kernel(series: str = SUPPORTED_SERIES[-1]) -> Kernel:
+    """The newest installed Debian kernel of ``series`` with image and headers,
+    of the installed linux-source's version."""
+    found = source_kernels(series)
     if not found:
-        raise KmodError(f"no Linux {series} kernel with headers installed "
-                        f"(ipvs-synproxy kmod build --kernel {series} installs one)")
+        have = ", ".join(k.version for k in installed_kernels(series)) or "none"
+        raise KmodError(f"no Linux {series} kernel with headers of the version of "
+                        f"linux-source-{series} is installed (installed: {have}; "
+                        f"ipvs-synproxy kmod build --kernel {series} installs one)")
     return found[-1]
 
 
@@ -182,7 +207,10 @@ def build_debs(series: str) -> list[str]:
     """Everything building for ``series`` needs, as apt would install it now."""
     check_series(series)
     debs = [*BUILD_DEBS, f"linux-source-{series}"]
-    if not installed_kernels(series):
+    if not source_kernels(series):
+        # Choose from fresh lists: the install refreshes them first, and a
+        # kernel chosen from stale ones is older than the source it gets.
+        apt.update()
         found = apt_kernel(series)
         if found is None:
             raise KmodError(f"apt serves no linux-image-{series}.*-amd64 with headers")
@@ -417,6 +445,32 @@ def dkms_exclusive(series: str) -> str:
     return "^" + series.replace(".", r"\.") + r"\."
 
 
+_OBJ_LINE = re.compile(r"^obj-\$\(CONFIG_IP_VS[A-Z0-9_]*\)\s*\+=\s*(.+)$")
+_IPVS_DIR = "net/netfilter/ipvs"
+
+
+def tree_modules(tree: Path) -> list[str]:
+    """The modules the IPVS Makefile of a source tree builds, in its order."""
+    names: list[str] = []
+    for line in (tree / _IPVS_DIR / "Makefile").read_text().splitlines():
+        m = _OBJ_LINE.match(line.strip())
+        if m:
+            names += [o[:-2] for o in m.group(1).split() if o.endswith(".o")]
+    if not names:
+        raise KmodError(f"{tree / _IPVS_DIR / 'Makefile'} names no IPVS module")
+    return names
+
+
+def dkms_modules(names: list[str]) -> str:
+    """dkms.conf's per-module lines: where each is built and where it lands."""
+    lines: list[str] = []
+    for i, name in enumerate(names):
+        lines += [f'BUILT_MODULE_NAME[{i}]="{name}"',
+                  f'BUILT_MODULE_LOCATION[{i}]="{_IPVS_DIR}/"',
+                  f'DEST_MODULE_LOCATION[{i}]="/updates/dkms"']
+    return "\n".join(lines)
+
+
 def export_tree(dest: Path, version: str, series: str | None = None) -> Path:
     """Write the patched source tree of ``series`` for DKMS (or a manual build)
     to ``dest``; its dkms.conf refuses every kernel of another series."""
@@ -435,7 +489,8 @@ def export_tree(dest: Path, version: str, series: str | None = None) -> Path:
         glue = paths.patches_dir()
         shutil.copy2(glue / "dkms" / "Makefile", tree / "Makefile")
         conf = (glue / "dkms.conf").read_text().replace("@VERSION@", version) \
-            .replace("@KERNEL_REGEX@", dkms_exclusive(series))
+            .replace("@KERNEL_REGEX@", dkms_exclusive(series)) \
+            .replace("@MODULES@", dkms_modules(tree_modules(tree)))
         (tree / "dkms.conf").write_text(conf)
         (tree / "PATCHES").write_text("".join(p.name + "\n" for p in patches))
         if dest.exists():

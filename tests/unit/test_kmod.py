@@ -162,3 +162,23 @@ def test_a_preview_series_is_accepted_by_name_but_never_the_default(
     assert kmod.default_series() == "6.1"
     with pytest.raises(kmod.KmodError, match=r"supported are 6\.1 \(preview: 6\.12\)"):
         kmod.check_series("6.6")
+
+
+def test_dkms_conf_lists_the_modules_the_series_makefile_builds(tmp_path: Path) -> None:
+    ipvs = tmp_path / "net/netfilter/ipvs"
+    ipvs.mkdir(parents=True)
+    (ipvs / "Makefile").write_text(
+        "ip_vs-objs := ip_vs_conn.o ip_vs_core.o\n"
+        "obj-$(CONFIG_IP_VS) += ip_vs.o\n"
+        "obj-$(CONFIG_IP_VS_RR) += ip_vs_rr.o\n"
+        "obj-$(CONFIG_IP_VS_TWOS) += ip_vs_twos.o\n"
+        "obj-$(CONFIG_NETFILTER) += unrelated.o\n")
+    assert kmod.tree_modules(tmp_path) == ["ip_vs", "ip_vs_rr", "ip_vs_twos"]
+    lines = kmod.dkms_modules(["ip_vs", "ip_vs_twos"]).splitlines()
+    assert 'BUILT_MODULE_NAME[1]="ip_vs_twos"' in lines
+    assert 'BUILT_MODULE_LOCATION[1]="net/netfilter/ipvs/"' in lines
+    assert 'DEST_MODULE_LOCATION[1]="/updates/dkms"' in lines
+    assert "@MODULES@" in (kmod.paths.patches_dir() / "dkms.conf").read_text()
+    (ipvs / "Makefile").write_text("obj-y += core.o\n")
+    with pytest.raises(kmod.KmodError, match="names no IPVS module"):
+        kmod.tree_modules(tmp_path)
