@@ -29,6 +29,9 @@ def project_debs() -> list[str]:
 def main() -> int:
     """``python -m ipvs_synproxy_testbed.deps``: install what is missing."""
     try:
+        # Which series apt serves is read from its lists: stale ones (a new
+        # machine's) may predate a series' packages and leave it out.
+        apt.update()
         apt.ensure_debs(project_debs())
     except (apt.DependencyError, kmod.KmodError, subprocess.CalledProcessError) as exc:
         print(f"ipvs-synproxy: {exc}", file=sys.stderr)

@@ -445,19 +445,38 @@ def dkms_exclusive(series: str) -> str:
     return "^" + series.replace(".", r"\.") + r"\."
 
 
-_OBJ_LINE = re.compile(r"^obj-\$\(CONFIG_IP_VS[A-Z0-9_]*\)\s*\+=\s*(.+)$")
+_OBJ_LINE = re.compile(r"^obj-\$\((CONFIG_IP_VS[A-Z0-9_]*)\)\s*\+=\s*(.+)$")
 _IPVS_DIR = "net/netfilter/ipvs"
 
 
-def tree_modules(tree: Path) -> list[str]:
-    """The modules the IPVS Makefile of a source tree builds, in its order."""
+def kernel_config(kernel: Kernel) -> dict[str, str]:
+    """The kernel's build configuration (``CONFIG_X`` -> value), from its headers."""
+    for path in (kernel.build_tree / ".config", Path("/boot") / f"config-{kernel.version}"):
+        if path.exists():
+            config = {}
+            for line in path.read_text().splitlines():
+                key, eq, value = line.partition("=")
+                if eq and key.startswith("CONFIG_"):
+                    config[key] = value
+            return config
+    raise KmodError(f"no build configuration for {kernel.version} "
+                    f"(looked for {kernel.build_tree / '.config'})")
+
+
+def tree_modules(tree: Path, config: dict[str, str]) -> list[str]:
+    """The modules the IPVS Makefile of a source tree builds for a kernel of
+    ``config``, in the Makefile's order: an out-of-tree build follows the
+    kernel's configuration, and Debian's 6.1 leaves ip_vs_twos out although
+    its source has it."""
     names: list[str] = []
-    for line in (tree / _IPVS_DIR / "Makefile").read_text().splitlines():
+    makefile = tree / _IPVS_DIR / "Makefile"
+    for line in makefile.read_text().splitlines():
         m = _OBJ_LINE.match(line.strip())
-        if m:
-            names += [o[:-2] for o in m.group(1).split() if o.endswith(".o")]
+        if m and config.get(m.group(1)) == "m":
+            names += [o[:-2] for o in m.group(2).split() if o.endswith(".o")]
     if not names:
-        raise KmodError(f"{tree / _IPVS_DIR / 'Makefile'} names no IPVS module")
+        raise KmodError(f"{makefile} names no IPVS module that the kernel's "
+                        "configuration builds as a module")
     return names
 
 
@@ -473,10 +492,12 @@ def dkms_modules(names: list[str]) -> str:
 
 def export_tree(dest: Path, version: str, series: str | None = None) -> Path:
     """Write the patched source tree of ``series`` for DKMS (or a manual build)
-    to ``dest``; its dkms.conf refuses every kernel of another series."""
+    to ``dest``; its dkms.conf refuses every kernel of another series and
+    lists the modules the newest installed kernel of the series configures."""
     if dest.exists() and any(dest.iterdir()):
         raise KmodError(f"{dest} exists and is not empty")
     series = check_series(series or default_series())
+    config = kernel_config(find_kernel(series))
     patches = read_series(series=series)
     src = pristine_source(series)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=dest.parent if dest.parent.exists()
@@ -490,7 +511,7 @@ def export_tree(dest: Path, version: str, series: str | None = None) -> Path:
         shutil.copy2(glue / "dkms" / "Makefile", tree / "Makefile")
         conf = (glue / "dkms.conf").read_text().replace("@VERSION@", version) \
             .replace("@KERNEL_REGEX@", dkms_exclusive(series)) \
-            .replace("@MODULES@", dkms_modules(tree_modules(tree)))
+            .replace("@MODULES@", dkms_modules(tree_modules(tree, config)))
         (tree / "dkms.conf").write_text(conf)
         (tree / "PATCHES").write_text("".join(p.name + "\n" for p in patches))
         if dest.exists():

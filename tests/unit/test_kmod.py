@@ -172,8 +172,14 @@ def test_dkms_conf_lists_the_modules_the_series_makefile_builds(tmp_path: Path) 
         "obj-$(CONFIG_IP_VS) += ip_vs.o\n"
         "obj-$(CONFIG_IP_VS_RR) += ip_vs_rr.o\n"
         "obj-$(CONFIG_IP_VS_TWOS) += ip_vs_twos.o\n"
+        "obj-$(CONFIG_IP_VS_FO) += ip_vs_fo.o\n"
         "obj-$(CONFIG_NETFILTER) += unrelated.o\n")
-    assert kmod.tree_modules(tmp_path) == ["ip_vs", "ip_vs_rr", "ip_vs_twos"]
+    config = {"CONFIG_IP_VS": "m", "CONFIG_IP_VS_RR": "m", "CONFIG_IP_VS_TWOS": "m",
+              "CONFIG_IP_VS_FO": "y", "CONFIG_NETFILTER": "m"}
+    assert kmod.tree_modules(tmp_path, config) == ["ip_vs", "ip_vs_rr", "ip_vs_twos"]
+    # Debian's 6.1: the source has ip_vs_twos, the configuration leaves it out
+    del config["CONFIG_IP_VS_TWOS"]
+    assert kmod.tree_modules(tmp_path, config) == ["ip_vs", "ip_vs_rr"]
     lines = kmod.dkms_modules(["ip_vs", "ip_vs_twos"]).splitlines()
     assert 'BUILT_MODULE_NAME[1]="ip_vs_twos"' in lines
     assert 'BUILT_MODULE_LOCATION[1]="net/netfilter/ipvs/"' in lines
@@ -181,4 +187,4 @@ def test_dkms_conf_lists_the_modules_the_series_makefile_builds(tmp_path: Path) 
     assert "@MODULES@" in (kmod.paths.patches_dir() / "dkms.conf").read_text()
     (ipvs / "Makefile").write_text("obj-y += core.o\n")
     with pytest.raises(kmod.KmodError, match="names no IPVS module"):
-        kmod.tree_modules(tmp_path)
+        kmod.tree_modules(tmp_path, config)
