@@ -8,6 +8,7 @@ when its sysctl turns it off.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import socket
 import struct
@@ -292,6 +293,36 @@ def test_a_client_that_switched_timestamps_off_reconnects_from_the_same_port(
     with ns_sysctls(("client",), tcp_timestamps="0"):
         reply = http(sport=sport, timeout=10)
     assert reply.startswith(b"HTTP/1."), f"not served: {reply[:80]!r} {reuse_deltas(before)}"
+    assert reuse_deltas(before) == {"synproxy_reuse_time_wait": 1}
+
+
+SWITCH_ON = ("edit", "recreate")
+
+
+@pytest.mark.parametrize("switch", SWITCH_ON)
+@pytest.mark.parametrize("method", METHODS)
+def test_reconnecting_after_the_proxy_was_switched_on_for_the_service(
+        ipvs: IPVS, real_servers: dict, method: str, switch: str) -> None:
+    """The client's old connection went through the service before the SYN
+    proxy was on (an operator switching it on with ipvsadm -E, or a flush and
+    re-add, as the throughput test does between rounds): lb holds it in
+    TIME_WAIT without any SYN proxy state. The client reconnects from the same
+    port, its SYN gets a cookie, and its cookie ACK must open a new connection
+    instead of landing in the old one (seen in CI as an upload that stalled
+    for good on a reused port)."""
+    svc = synproxy_service(ipvs, NET4, METHODS[method], synproxy=False)
+    sport = 47030 + 2 * (method == "fullnat") + SWITCH_ON.index(switch)
+    assert http(sport=sport, timeout=20).startswith(b"HTTP/1.")
+    assert wait_for(lambda: conn_states(sport) == ["TIME_WAIT"], 20), conn_states(sport)
+    if switch == "edit":
+        ipvs.edit_service(dataclasses.replace(svc, synproxy=True))
+    else:
+        ipvs.flush()
+        synproxy_service(ipvs, NET4, METHODS[method])
+    before = ext_stats_file()
+    reply = http(sport=sport, timeout=10)
+    assert reply.startswith(b"HTTP/1."), f"not served: {reply[:80]!r} {reuse_deltas(before)}"
+    assert delta(before, "synproxy_conn_proxied") == 1
     assert reuse_deltas(before) == {"synproxy_reuse_time_wait": 1}
 
 
