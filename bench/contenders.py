@@ -59,6 +59,16 @@ def stock_module_dir() -> str:
     return f"/lib/modules/{os.uname().release}/kernel/net/netfilter/ipvs"
 
 
+def stock_module(name: str) -> str:
+    """The distribution's own file of module ``name``: plain on Debian's 6.1,
+    xz-compressed on its 6.12 (insmod reads both)."""
+    for suffix in (".ko", ".ko.xz", ".ko.zst", ".ko.gz"):
+        path = f"{stock_module_dir()}/{name}{suffix}"
+        if os.path.exists(path):
+            return path
+    raise BenchSetupError(f"no {name}.ko* in {stock_module_dir()}")
+
+
 def load_ipvs(kind: str) -> None:
     """Load the ``patched`` or ``stock`` IPVS core and rr scheduler (nothing else of
     IPVS loaded) and check which one the kernel got."""
@@ -66,9 +76,8 @@ def load_ipvs(kind: str) -> None:
     if kind == "patched":
         _sh(["modprobe", "-a", "ip_vs", "ip_vs_rr"])
     elif kind == "stock":
-        d = stock_module_dir()
         for m in ("ip_vs", "ip_vs_rr"):
-            _sh(["insmod", f"{d}/{m}.ko"])
+            _sh(["insmod", stock_module(m)])
     else:
         raise ValueError(kind)
     if ipvs_kind() != kind:
