@@ -40,17 +40,20 @@ unit: deps
 	$(PY) -m pytest -q tests/unit
 
 # The build pipeline and the testbed contract (builds modules, boots guests).
+# The DKMS install test (a guest that compiles the modules) runs in vm-test's
+# queue instead, where it fills the time the shorter guest suite leaves.
 testbed-test: deps
-	$(PY) -m pytest -q tests/testbed
+	$(PY) -m pytest -q --durations=12 --ignore=tests/testbed/test_dkms.py tests/testbed
 
 # End-to-end tests inside the guest against the real patched modules.
-# The whole suite once per supported kernel series apt serves, the guests side
-# by side; reports and logs in $(RESULTS)/vm-<series>.{xml,log}. VM_ARGS=--serial
-# runs them one after another; VM_ARGS="--kernel 6.12" a preview series.
+# The whole suite once per supported kernel series apt serves, and each
+# series' DKMS install test, two guests at a time, longest first; reports and
+# logs in $(RESULTS)/{vm,dkms}-<series>.{xml,log}. VM_ARGS=--serial runs them
+# one after another; VM_ARGS="--kernel 6.12" one series only.
 VM_ARGS ?=
 vm-test: deps
 	$(SP) keepalived build
-	$(PY) -m ipvs_synproxy_testbed.suite --timeout $(VM_TIMEOUT) --results $(RESULTS) $(VM_ARGS)
+	$(PY) -m ipvs_synproxy_testbed.suite --dkms --timeout $(VM_TIMEOUT) --results $(RESULTS) $(VM_ARGS)
 
 test: check unit testbed-test vm-test
 

@@ -18,6 +18,9 @@ class Summary:
     passed: int = 0
     failed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    # seconds per test and per test module: where a run's time goes
+    times: dict[str, float] = field(default_factory=dict)
+    module_times: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -28,6 +31,10 @@ def summarize(xml_text: str) -> Summary:
     s = Summary()
     for case in ET.fromstring(xml_text).iter("testcase"):
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
+        seconds = float(case.get("time") or 0.0)
+        s.times[name] = seconds
+        module = case.get("classname", "")
+        s.module_times[module] = s.module_times.get(module, 0.0) + seconds
         if case.find("failure") is not None or case.find("error") is not None:
             s.failed.append(name)
         elif case.find("skipped") is not None:
