@@ -8,10 +8,10 @@ ran and none failed or skipped). With ``--dkms``, the DKMS install test of
 each series (``tests/testbed/test_dkms.py``, a guest of its own that compiles
 the modules) joins the same queue, report ``dkms-<S>.xml``.
 
-Two guests run at a time by default (``--jobs``), the longest first: a TCG
-guest running the suite leaves much of a core idle, so two finish in little
-more than the time of one, and the DKMS guests fill the time the shorter
-suite leaves. ``--serial`` runs one after another.
+Two guests run at a time by default (``--jobs``), the suites first: a TCG
+guest running the suite leaves part of a core idle, so two finish well before
+the time of two; a DKMS guest takes the slot of whichever suite ends first,
+and DKMS guests never run side by side. ``--serial`` runs one after another.
 
 Usage: ``python -m ipvs_synproxy_testbed.suite [--serial | --jobs N] [--dkms]
 [--kernel S]... [--timeout SECONDS] [--results DIR] [-- PYTEST-ARGS...]``
