@@ -41,13 +41,13 @@ unit: deps
 
 # The build pipeline and the testbed contract (builds modules, boots guests).
 # The DKMS install test (a guest that compiles the modules) runs in vm-test's
-# queue instead, where it fills the time the shorter guest suite leaves.
+# queue instead, in the slot of whichever guest suite ends first.
 testbed-test: deps
 	$(PY) -m pytest -q --durations=12 --ignore=tests/testbed/test_dkms.py tests/testbed
 
 # End-to-end tests inside the guest against the real patched modules.
 # The whole suite once per supported kernel series apt serves, and each
-# series' DKMS install test, two guests at a time, longest first; reports and
+# series' DKMS install test, two guests at a time, the suites first; reports and
 # logs in $(RESULTS)/{vm,dkms}-<series>.{xml,log}. VM_ARGS=--serial runs them
 # one after another; VM_ARGS="--kernel 6.12" one series only.
 VM_ARGS ?=

@@ -50,8 +50,8 @@ class Run:
 
 def command(run: Run, timeout: float, pytest_args: list[str]) -> list[str]:
     if run.kind == DKMS:
-        # the test boots its own guest (vm exec) from the host
-        # (a temporary directory of its own: two DKMS jobs may run at once)
+        # the test boots its own guest (vm exec) from the host; its exported
+        # tree goes beside the report, not into pytest's shared temp directory
         return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                 f"--basetemp={run.report.with_suffix('.tmp')}",
                 f"{DKMS_TEST}[{run.series}]", f"--junitxml={run.report}"]
@@ -123,7 +123,7 @@ def judge(run: Run) -> bool:
         print(f"{run.kind} on {run.series}, slowest: "
               + ", ".join(f"{n.rsplit('::', 1)[-1]} {t:.0f}" for n, t in slowest))
     print(f"{run.kind} on Linux {run.series}: {s.passed} passed, {len(s.failed)} failed, "
-          f"{len(s.skipped)} skipped in {run.seconds:.0f} s (vm exec exit {run.returncode})")
+          f"{len(s.skipped)} skipped in {run.seconds:.0f} s (exit {run.returncode})")
     return s.ok and run.returncode == 0
 
 
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [Run(s, (args.results / f"vm-{s}.xml").resolve(), args.results / f"vm-{s}.log")
             for s in series]
     if args.dkms:
-        # newest series first: its suite finishes first, its DKMS job follows
+        # after the suites; newest series first (its suite used to end first)
         runs += [Run(s, (args.results / f"dkms-{s}.xml").resolve(),
                      args.results / f"dkms-{s}.log", DKMS) for s in reversed(series)]
     # Build every series' modules first, one at a time: two builds at once would

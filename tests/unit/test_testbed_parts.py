@@ -196,20 +196,29 @@ def test_compressed_modules_are_stored_decompressed(tmp_path: Path) -> None:
     assert initramfs._module_bytes(plain) == b"\x7fELF"
 
 
-def test_the_guest_queue_runs_at_most_jobs_at_a_time_in_order(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each stand-in job notes when it started and ended; with two slots the
-    third starts only after one of the first two ended."""
+def _stand_in_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each queued run becomes a process that sleeps ``run.series`` seconds and
+    notes in ``<log>.t`` when it started and ended."""
     def command(run: suite.Run, timeout: float, pytest_args: list[str]) -> list[str]:
         code = ("import sys, time; open(sys.argv[1], 'a').write(f'{time.time()} ');"
                 "time.sleep(float(sys.argv[2])); open(sys.argv[1], 'a').write(f'{time.time()}')")
         return [sys.executable, "-c", code, str(run.log.with_suffix(".t")), run.series]
 
     monkeypatch.setattr(suite, "command", command)
+
+
+def _spans(runs: list[suite.Run]) -> list[tuple[float, ...]]:
+    return [tuple(map(float, r.log.with_suffix(".t").read_text().split())) for r in runs]
+
+
+def test_the_guest_queue_runs_at_most_jobs_at_a_time_in_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With two slots the third run starts only after one of the first two ended."""
+    _stand_in_jobs(monkeypatch)
     runs = [suite.Run(delay, tmp_path / f"{i}.xml", tmp_path / f"{i}.log")
             for i, delay in enumerate(["1.5", "0.2", "0.2"])]
     suite.run_queue(runs, 2, 60, [])
-    spans = [tuple(map(float, r.log.with_suffix(".t").read_text().split())) for r in runs]
+    spans = _spans(runs)
     assert all(r.returncode == 0 for r in runs)
     assert spans[1][0] < spans[0][1]  # the first two ran together
     assert spans[2][0] >= spans[1][1]  # the third waited for a free slot
@@ -218,15 +227,9 @@ def test_the_guest_queue_runs_at_most_jobs_at_a_time_in_order(
 
 def test_the_guest_queue_never_runs_two_dkms_jobs_at_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def command(run: suite.Run, timeout: float, pytest_args: list[str]) -> list[str]:
-        code = ("import sys, time; open(sys.argv[1], 'a').write(f'{time.time()} ');"
-                "time.sleep(0.3); open(sys.argv[1], 'a').write(f'{time.time()}')")
-        return [sys.executable, "-c", code, str(run.log.with_suffix(".t"))]
-
-    monkeypatch.setattr(suite, "command", command)
-    runs = [suite.Run(s, tmp_path / f"{s}.xml", tmp_path / f"{s}.log", suite.DKMS)
-            for s in ("6.12", "6.1")]
+    _stand_in_jobs(monkeypatch)
+    runs = [suite.Run("0.3", tmp_path / f"{i}.xml", tmp_path / f"{i}.log", suite.DKMS)
+            for i in range(2)]
     suite.run_queue(runs, 2, 60, [])
-    first, second = (tuple(map(float, r.log.with_suffix(".t").read_text().split()))
-                     for r in runs)
+    first, second = _spans(runs)
     assert second[0] >= first[1]
