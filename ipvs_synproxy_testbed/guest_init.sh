@@ -9,6 +9,13 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devpts devpts /dev/pts 2>/dev/null || { mkdir -p /dev/pts; mount -t devpts devpts /dev/pts; }
 mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
+# What udev gives a real system: bash's <(...) needs /dev/fd, and without it
+# DKMS skips its module version check (which once hid a DKMS install that
+# installed nothing).
+[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
+[ -e /dev/stdin ] || ln -s /proc/self/fd/0 /dev/stdin
+[ -e /dev/stdout ] || ln -s /proc/self/fd/1 /dev/stdout
+[ -e /dev/stderr ] || ln -s /proc/self/fd/2 /dev/stderr
 # No fresh tmpfs on /tmp: the checkout and the build share may live below it.
 # /tmp is writable anyway (the overlay's upper layer is tmpfs).
 mount -t tmpfs tmpfs /run
