@@ -40,8 +40,8 @@ unit: deps
 	$(PY) -m pytest -q tests/unit
 
 # The build pipeline and the testbed contract (builds modules, boots guests).
-# The DKMS install test (a guest that compiles the modules) runs in vm-test's
-# queue instead, in the slot of whichever guest suite ends first.
+# The DKMS install test (built on the host, installed in a guest) runs in
+# vm-test's queue instead, in the slot of whichever guest suite ends first.
 testbed-test: deps
 	$(PY) -m pytest -q --durations=12 --ignore=tests/testbed/test_dkms.py tests/testbed
 

@@ -225,11 +225,12 @@ def test_the_guest_queue_runs_at_most_jobs_at_a_time_in_order(
     assert spans[2][0] < spans[0][1]  # ...and took it as soon as there was one
 
 
-def test_the_guest_queue_never_runs_two_dkms_jobs_at_once(
+def test_the_guest_queue_runs_two_dkms_jobs_side_by_side(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """They compile on the host now: two one-vCPU guests share the two cores."""
     _stand_in_jobs(monkeypatch)
-    runs = [suite.Run("0.3", tmp_path / f"{i}.xml", tmp_path / f"{i}.log", suite.DKMS)
+    runs = [suite.Run("0.5", tmp_path / f"{i}.xml", tmp_path / f"{i}.log", suite.DKMS)
             for i in range(2)]
     suite.run_queue(runs, 2, 60, [])
     first, second = _spans(runs)
-    assert second[0] >= first[1]
+    assert second[0] < first[1]
