@@ -4,7 +4,8 @@ then loads this project's modules (every one of them, not the distribution's),
 and a SYN-proxy FULLNAT service serves a client with them. Before the install,
 the same boot shows that ``vm exec --modules stock`` gives the distribution's
 own modules (the testbed contract: one guest boot costs most of a minute, so
-the check shares this one).
+the check shares this one), and that the distribution's IPVS as the backup
+of a pair takes the sync messages our master sends (tests/testbed/stock_backup.py).
 
 Why the build runs on the host: the guest's root is the host's (same dkms, gcc
 and headers), and a TCG guest compiles some fifteen times slower than the
@@ -61,7 +62,8 @@ set -e
 modprobe ip_vs_wlc
 echo "stock: $(modinfo -n ip_vs) $(modinfo -n ip_vs_wlc) taint=$(cat /sys/module/ip_vs/taint)\
 $(cat /sys/module/ip_vs_wlc/taint)"
-modprobe -r ip_vs_wlc ip_vs
+python -m tests.testbed.stock_backup
+modprobe -r ip_vs_rr ip_vs_wlc ip_vs
 dkms install {opts} -m {PACKAGE} -k {k}
 dkms status {opts} -m {PACKAGE} -k {k} | sed 's/^/status: /'
 for m in {" ".join(modules)}; do echo "module: $m $(modinfo -n $m) $(modinfo -F version $m)"; done
@@ -84,6 +86,11 @@ python -m tests.testbed.dkms_guest
     assert f"/lib/modules/{kernel.version}/kernel/" in stock.group(1), stock.group(0)
     assert f"/lib/modules/{kernel.version}/kernel/" in stock.group(2), stock.group(0)
     assert "O" not in stock.group(3), stock.group(0)
+    # A stock backup gets what our master sends: it skips our options without
+    # a word and holds the NAT connections (the FULLNAT one it cannot forward)
+    held = dict(re.findall(r"^stock-backup: (\d+) (\S+)$", res.stdout, re.M))
+    assert held.get("42000") == held.get("42002") == "ESTABLISHED", res.stdout
+    assert "stock-backup-complaint" not in res.stdout, res.stdout
     assert re.search(rf"^status: ipvs-synproxy/{re.escape(VERSION)}, "
                      rf"{re.escape(kernel.version)}, x86_64: installed$", res.stdout, re.M), \
         res.stdout
