@@ -177,6 +177,10 @@ def context(cfg: Config) -> dict[str, Any]:
         "router_id": ka.router_id,
         "script_security": any(c.kind == "misc" for c in checks),
         "vrrp": [_vrrp(vi) for vi in ka.vrrp],
+        "pair": None if ka.pair is None else {
+            "interface": ka.pair.sync_interface, "instance": ka.pair.sync_instance,
+            "syncid": ka.pair.syncid, "group": ka.pair.sync_group,
+            "members": [vi.name for vi in ka.vrrp]},
         "laddr_groups": [{"name": laddr_group_name(st.service),
                           "entries": laddr_entries(st.laddrs)}
                          for st in services if st.laddrs],

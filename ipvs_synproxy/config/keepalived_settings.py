@@ -48,7 +48,8 @@ CHECK_TYPES = ("tcp", "http", "misc", "none")
 CHECK_KEYS = ("type", "interval", "timeout", "retry", "delay_before_retry", "port", "path",
               "status_code", "command", "inhibit_on_failure")
 HTTP_ONLY = ("path", "status_code")
-SECTION_KEYS = ("router_id", "healthcheck", "vrrp")
+SECTION_KEYS = ("router_id", "healthcheck", "vrrp", "pair")
+PAIR_KEYS = ("sync_interface", "sync_instance", "syncid", "sync_group")
 VRRP_KEYS = ("name", "interface", "state", "virtual_router_id", "priority", "advert_int",
              "preempt", "auth_pass", "unicast_src_ip", "unicast_peers", "vips")
 
@@ -97,6 +98,20 @@ class VrrpInstance:
 
 
 @dataclass(frozen=True)
+class Pair:
+    """Two balancers that hand their connections over: every VRRP instance in
+    one ``vrrp_sync_group`` (the VIPs and the shared laddrs move together) and
+    keepalived's ``lvs_sync_daemon`` (IPVS's connection sync on
+    ``sync_interface``: master where ``sync_instance`` is MASTER, backup on
+    the other balancer)."""
+
+    sync_interface: str
+    sync_instance: str
+    syncid: int = 1
+    sync_group: str = "VG_PAIR"
+
+
+@dataclass(frozen=True)
 class KeepalivedSettings:
     """The keepalived part of a config file (defaults when it has none).
 
@@ -108,6 +123,7 @@ class KeepalivedSettings:
     router_id: str = "ipvs-synproxy"
     checks: tuple[HealthCheck, ...] = ()
     vrrp: tuple[VrrpInstance, ...] = ()
+    pair: Pair | None = None
     problems: tuple[ConfigError, ...] = field(default=(), compare=False)
 
 
@@ -348,6 +364,44 @@ def _problems(r: Reader, top: YamlMap, services: Sequence[ServiceState]
     return list(unique.values())
 
 
+def _read_pair(r: Reader, raw: object, line: int, vrrp: Sequence[VrrpInstance],
+               services: Sequence[ServiceState]) -> Pair:
+    path = "keepalived.pair"
+    m = r.mapping(raw, line, path, PAIR_KEYS)
+    if not vrrp:
+        raise r.err(m.line, path, "a pair needs 'vrrp' instances to move its addresses")
+    if "sync_interface" not in m:
+        raise r.err(m.line, path, "a pair needs 'sync_interface' (where the connection "
+                                  "sync runs, usually the real servers' side)")
+    kw: dict[str, Any] = {
+        "sync_interface": r.parse(m, "sync_interface", path, lambda s: _word(
+            m["sync_interface"], s, "sync_interface", _IFNAME, "an interface name")),
+        "sync_instance": vrrp[0].name,
+    }
+    if "sync_instance" in m:
+        kw["sync_instance"] = r.parse(m, "sync_instance", path, lambda s: _word(
+            m["sync_instance"], s, "sync_instance", _NAME, "a VRRP instance name"))
+        if kw["sync_instance"] not in [vi.name for vi in vrrp]:
+            raise r.err(r.at(m, "sync_instance"), f"{path}.sync_instance",
+                        f"no VRRP instance is named {kw['sync_instance']!r}")
+    if "syncid" in m:
+        kw["syncid"] = r.parse(m, "syncid", path, lambda s: _int(m["syncid"], s, "syncid",
+                                                                 1, 255))
+    if "sync_group" in m:
+        kw["sync_group"] = r.parse(m, "sync_group", path, lambda s: _word(
+            m["sync_group"], s, "sync_group", _NAME, "a name (letters, digits, _ . -)"))
+    # The real servers answer a FULLNAT connection at its laddr: the pair's
+    # laddrs must move to the new master with the VIPs.
+    moving = {v.ip for vi in vrrp for v in vi.vips}
+    for i, st in enumerate(services):
+        for la in st.laddrs:
+            if la.addr not in moving:
+                raise r.err(m.line, path, f"services[{i}] laddr {la.addr} is not a VIP of "
+                            "any VRRP instance: a pair shares its laddrs, and they must "
+                            "move to the new master")
+    return Pair(**kw)
+
+
 def read(r: Reader, top: YamlMap, services: Sequence[ServiceState]) -> KeepalivedSettings:
     """The ``keepalived`` section of ``top`` and the services' ``healthcheck``
     keys (``services`` are the already validated services of ``top``)."""
@@ -393,5 +447,7 @@ def read(r: Reader, top: YamlMap, services: Sequence[ServiceState]) -> Keepalive
                                 f"on {vi.interface} by {other.name}")
             instances.append(vi)
         kw["vrrp"] = tuple(instances)
+    if "pair" in m:
+        kw["pair"] = _read_pair(r, m["pair"], r.at(m, "pair"), kw.get("vrrp", ()), services)
     kw["problems"] = tuple(_problems(r, top, services))
     return KeepalivedSettings(**kw)

@@ -261,3 +261,60 @@ def test_a_verified_tarball_is_reused(tmp_path: Path, monkeypatch: pytest.Monkey
     (dl / keepalived_build.TARBALL).write_bytes(data)
     monkeypatch.setattr("urllib.request.urlopen", None)
     assert keepalived_build.fetch_tarball() == dl / keepalived_build.TARBALL
+
+
+# ---- a pair that hands its connections over ---------------------------------------------
+
+PAIR = """\
+keepalived:
+  vrrp:
+    - {name: VI_CLIENT, interface: eth0, virtual_router_id: 51, vips: [198.51.100.10/32]}
+    - {name: VI_SERVER, interface: eth1, virtual_router_id: 52,
+       vips: [192.0.2.1/24, 192.0.2.100/32, 192.0.2.101/32]}
+  pair: {sync_interface: eth1, sync_instance: VI_SERVER, syncid: 7}
+services:
+  - vip: 198.51.100.10:80
+    forward: fullnat
+    synproxy: true
+    laddrs: [192.0.2.100, 192.0.2.101]
+    real_servers: [{addr: 192.0.2.11}]
+"""
+
+
+def test_a_pair_renders_the_sync_daemon_and_one_sync_group(tmp_path: Path) -> None:
+    out = render_text(PAIR, tmp_path)
+    assert "    lvs_sync_daemon eth1 VI_SERVER id 7\n" in out
+    assert "vrrp_sync_group VG_PAIR {\n    group {\n        VI_CLIENT\n        VI_SERVER\n" \
+        "    }\n}\n" in out
+    # without a pair, neither
+    plain = render_text(PAIR.replace(
+        "  pair: {sync_interface: eth1, sync_instance: VI_SERVER, syncid: 7}\n", ""), tmp_path)
+    assert "lvs_sync_daemon" not in plain and "vrrp_sync_group" not in plain
+
+
+def test_a_pair_defaults_to_the_first_instance_and_syncid_1(tmp_path: Path) -> None:
+    out = render_text(PAIR.replace("sync_instance: VI_SERVER, syncid: 7", "sync_group: G1"),
+                      tmp_path)
+    assert "    lvs_sync_daemon eth1 VI_CLIENT id 1\n" in out
+    assert "vrrp_sync_group G1 {" in out
+
+
+PAIR_BAD = [
+    (PAIR.replace("192.0.2.101/32]", "192.0.2.102/32]"),
+     "keepalived.pair: services[0] laddr 192.0.2.101 is not a VIP of any VRRP instance"),
+    (PAIR.replace("sync_instance: VI_SERVER", "sync_instance: VI_NONE"),
+     "keepalived.pair.sync_instance: no VRRP instance is named 'VI_NONE'"),
+    (PAIR.replace("syncid: 7", "syncid: 256"), "syncid: 256 out of range 1-255"),
+    (PAIR.replace("sync_interface: eth1, ", ""), "a pair needs 'sync_interface'"),
+    (PAIR.replace("syncid: 7", "sync_id: 7"), "keepalived.pair.sync_id: unknown key"),
+    ("keepalived:\n  pair: {sync_interface: eth1}\n",
+     "keepalived.pair: a pair needs 'vrrp' instances"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), PAIR_BAD)
+def test_an_incoherent_pair_is_rejected_at_load(text: str, message: str,
+                                                tmp_path: Path) -> None:
+    with pytest.raises(config_reader.ConfigError) as exc:
+        load(text, tmp_path)
+    assert message in str(exc.value)
