@@ -7,6 +7,7 @@ topology; outside the guest they refuse to run rather than pass vacuously.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -77,3 +78,43 @@ def ipvs(topo: None) -> Iterator[IPVS]:
         conn.flush()
         yield conn
         conn.flush()
+
+
+# DESIGN.md's second balancer: its own addresses on both segments
+LB2 = "lb2"
+LB2_ADDRS = {"eth0": ("198.51.100.3/24", "2001:db8:1::3/64"),
+             "eth1": ("192.0.2.3/24", "2001:db8:2::3/64")}
+
+
+@pytest.fixture
+def lb2(topo: None) -> Iterator[str]:
+    """A second balancer namespace on the same two segments as lb (a router,
+    IPv4 and IPv6, no VIP, no laddr), removed afterwards with what it held."""
+    subprocess.run(["ip", "netns", "add", LB2], check=True)
+    try:
+        for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv6.conf.all.forwarding", 1),
+                           ("net.ipv6.conf.all.accept_dad", 0),
+                           ("net.ipv6.conf.default.accept_dad", 0),
+                           ("net.ipv4.conf.all.rp_filter", 0),
+                           ("net.ipv4.conf.default.rp_filter", 0)):
+            netns.write_sysctl(LB2, key, value)
+        for dev, bridge in (("eth0", topology.CLIENT_BRIDGE), ("eth1", topology.SERVER_BRIDGE)):
+            peer = f"{LB2}-{dev}"
+            subprocess.run(["ip", "link", "add", peer, "type", "veth", "peer", "name", dev,
+                            "netns", LB2], check=True)
+            subprocess.run(["ip", "link", "set", peer, "master", bridge, "up"], check=True)
+        lines = ["link set lo up",
+                 *(f"addr add {a} dev {d}" for d, addrs in LB2_ADDRS.items() for a in addrs),
+                 "link set eth0 up", "link set eth1 up"]
+        subprocess.run(["ip", "-n", LB2, "-batch", "-"], input="\n".join(lines) + "\n",
+                       text=True, check=True)
+        yield LB2
+    finally:
+        subprocess.run(["ip", "netns", "del", LB2], check=False)
+        for dev in ("eth0", "eth1"):  # gone with the namespace; just in case
+            subprocess.run(["ip", "link", "del", f"{LB2}-{dev}"], capture_output=True,
+                           check=False)
+        # Nobody may go on sending to lb2's MAC an address it held (a VIP
+        # after a failover): the entry would linger, stale, for seconds
+        for ns in ("client", "rs1", "rs2"):
+            netns.run(ns, ["ip", "neigh", "flush", "all"], check=False)

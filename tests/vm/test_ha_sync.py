@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import itertools
 import os
 import signal
 import socket
@@ -34,6 +35,7 @@ from ipvs_synproxy.kernel.netlink import IPVS
 from ipvs_synproxy_testbed import netns, syncmsg, topology
 from ipvs_synproxy_testbed.transfer import MB, XFER, BlobServer, expected_digest, send_blob
 
+from .conftest import LB2
 from .helpers import (
     ACK,
     METHODS,
@@ -49,11 +51,32 @@ from .helpers import (
 )
 
 PORT = 8080
-LB2 = "lb2"
-LB2_ADDRS = {"eth0": ("198.51.100.3/24", "2001:db8:1::3/64"),
-             "eth1": ("192.0.2.3/24", "2001:db8:2::3/64")}
 SYNCID = 7
 PAUSE_AT = 4 * MB  # bytes moved on the master before it dies
+# Client ports of these tests, below the ephemeral range and used once: a
+# failover leaves the old master's connections ESTABLISHED (15 minutes), and
+# a later connect() from the same port would find one of them.
+CLIENT_PORTS = itertools.count(46000)
+
+
+def connect(sock: socket.socket, vip: str, port: int) -> None:
+    """connect(), and on failure what the client and the balancer knew."""
+    try:
+        sock.connect((vip, port))
+    except OSError as exc:
+        for ns, cmd in (("lb", "ip -br addr"), ("lb", "ip route"), ("lb", "ip neigh"),
+                        ("client", "ip neigh"), ("lb", "ipvsadm -Ln"),
+                        ("lb", "ipvsadm -Lnc"), ("lb", "cat /proc/net/ip_vs_ext_stats"),
+                        ("client", "ss -tan")):
+            exc.add_note(f"{ns}$ {cmd}\n" + netns.run(ns, cmd.split(), check=False).stdout)
+        raise
+
+
+def client_socket(net: Net) -> socket.socket:
+    sock = netns.socket_in("client", socket.AF_INET6 if net.version == 6 else socket.AF_INET,
+                           socket.SOCK_STREAM)
+    sock.bind((net.client, next(CLIENT_PORTS)))
+    return sock
 
 
 def shared_addrs() -> dict[str, list[str]]:
@@ -77,38 +100,19 @@ def flush_neighbours() -> None:
 
 
 @pytest.fixture
-def pair(topo: None) -> Iterator[str]:
-    """lb2 on both segments, no shared address yet; afterwards lb is itself
-    again (links up, its addresses, no sync daemon) and lb2 is gone."""
-    subprocess.run(["ip", "netns", "add", LB2], check=True)
+def pair(lb2: str) -> Iterator[str]:
+    """lb2 beside lb, no shared address yet; afterwards lb is itself again
+    (links up, its addresses, no sync daemon)."""
     # lb keeps its IPv6 addresses while its links are down
     keep = {f"net.ipv6.conf.{d}.keep_addr_on_down": 1 for d in ("eth0", "eth1")}
     try:
-        for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv6.conf.all.forwarding", 1),
-                           ("net.ipv6.conf.all.accept_dad", 0),
-                           ("net.ipv6.conf.default.accept_dad", 0),
-                           ("net.ipv4.conf.all.rp_filter", 0),
-                           ("net.ipv4.conf.default.rp_filter", 0)):
-            netns.write_sysctl(LB2, key, value)
-        for dev, bridge in (("eth0", topology.CLIENT_BRIDGE), ("eth1", topology.SERVER_BRIDGE)):
-            peer = f"{LB2}-{dev}"
-            subprocess.run(["ip", "link", "add", peer, "type", "veth", "peer", "name", dev,
-                            "netns", LB2], check=True)
-            subprocess.run(["ip", "link", "set", peer, "master", bridge, "up"], check=True)
-        ip(LB2, "link set lo up",
-           *(f"addr add {a} dev {d} nodad" if ":" in a else f"addr add {a} dev {d}"
-             for d, addrs in LB2_ADDRS.items() for a in addrs),
-           "link set eth0 up", "link set eth1 up")
         with netns.sysctls(("lb",), keep):
-            yield LB2
+            yield lb2
     finally:
         with IPVS(netns="lb") as conn:
             for d in conn.daemons():
                 conn.stop_daemon(d)
         ip("lb", "link set eth0 up", "link set eth1 up")
-        subprocess.run(["ip", "netns", "del", LB2], check=False)
-        subprocess.run(["ip", "link", "del", f"{LB2}-eth0"], capture_output=True, check=False)
-        subprocess.run(["ip", "link", "del", f"{LB2}-eth1"], capture_output=True, check=False)
         flush_neighbours()
 
 
@@ -166,10 +170,9 @@ class PausedTransfer:
 
     def __init__(self, net: Net, direction: str, n: int = XFER, port: int = PORT) -> None:
         self.direction, self.n, self.done = direction, n, PAUSE_AT
-        self.sock = netns.socket_in("client", socket.AF_INET6 if net.version == 6
-                                    else socket.AF_INET, socket.SOCK_STREAM)
+        self.sock = client_socket(net)
         self.sock.settimeout(30)
-        self.sock.connect((net.vip, port))
+        connect(self.sock, net.vip, port)
         self.cport = self.sock.getsockname()[1]
         self.hash = hashlib.sha256()
         if direction == "download":
@@ -321,7 +324,7 @@ def test_a_backup_takes_laddr_lport_and_translation_from_the_masters_options(
     net = NETS[family]
     svc = synproxy_service(backup_lb, net, FwdMethod.FULLNAT, port=PORT)
     backup_lb.start_daemon(SyncDaemon("backup", "eth1", SYNCID))
-    base = 41000 + (0 if family == "ipv4" else 100)
+    base = 46800 + (0 if family == "ipv4" else 100)  # beside CLIENT_PORTS
     laddr, lport, isn, seq_delta = net.laddrs[1], 33333, 0x10203040, 0x7FFF0001
     rs = net.rs["rs1"]
 
@@ -383,12 +386,11 @@ def test_a_handshake_answered_by_the_old_master_completes_on_the_new_one(
     rule = f"ip{'6' if net.version == 6 else ''} daddr {net.vip} tcp dport {PORT} " \
         "tcp flags & (syn | ack) == ack drop"
     try:
-        sock = netns.socket_in("client", socket.AF_INET6 if net.version == 6
-                               else socket.AF_INET, socket.SOCK_STREAM)
+        sock = client_socket(net)
         with sock:
             sock.settimeout(30)
             with nft("client", rule, hook="output"):
-                sock.connect((net.vip, PORT))  # the SYN/ACK came from lb
+                connect(sock, net.vip, PORT)  # the SYN/ACK came from lb
                 before = ha.master.ext_stats()
                 assert before["synproxy_cookie_sent"] >= 1
                 fail_over()

@@ -297,32 +297,12 @@ def test_failed_real_server_leaves_and_comes_back(
 
 
 @pytest.fixture
-def lb2(topo: None) -> Iterator[str]:
-    """A second balancer namespace on the same two segments, removed afterwards."""
-    name = "lb2"
-    netns.run("lb", ["true"])  # the topology is up
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv4.conf.all.rp_filter", 0),
-                           ("net.ipv4.conf.default.rp_filter", 0)):
-            netns.write_sysctl(name, key, value)
-        for dev, bridge in (("eth0", topology.CLIENT_BRIDGE), ("eth1", topology.SERVER_BRIDGE)):
-            peer = f"{name}-{dev}"
-            subprocess.run(["ip", "link", "add", peer, "type", "veth", "peer", "name", dev,
-                            "netns", name], check=True)
-            subprocess.run(["ip", "link", "set", peer, "master", bridge, "up"], check=True)
-        lines = ["link set lo up", f"addr add {LB2_CLIENT}/24 dev eth0",
-                 f"addr add {LB2_SERVER}/24 dev eth1",
-                 *(f"addr add {a}/32 dev eth1" for a in LB2_LADDRS),
-                 "link set eth0 up", "link set eth1 up"]
-        subprocess.run(["ip", "-n", name, "-batch", "-"], input="\n".join(lines) + "\n",
-                       text=True, check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-        for dev in ("eth0", "eth1"):  # gone with the namespace; just in case
-            subprocess.run(["ip", "link", "del", f"{name}-{dev}"], capture_output=True,
-                           check=False)
+def lb2(lb2: str) -> str:
+    """conftest's second balancer with laddrs of its own (these tests run each
+    balancer with its own laddrs; tests/vm/test_ha_sync.py shares them)."""
+    subprocess.run(["ip", "-n", lb2, "-batch", "-"], text=True, check=True,
+                   input="".join(f"addr add {a}/32 dev eth1\n" for a in LB2_LADDRS))
+    return lb2
 
 
 @pytest.fixture
