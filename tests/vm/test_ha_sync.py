@@ -33,7 +33,14 @@ import pytest
 from ipvs_synproxy.kernel.model import FwdMethod, SyncDaemon
 from ipvs_synproxy.kernel.netlink import IPVS
 from ipvs_synproxy_testbed import netns, syncmsg, topology
-from ipvs_synproxy_testbed.transfer import MB, XFER, BlobServer, expected_digest, send_blob
+from ipvs_synproxy_testbed.transfer import (
+    MB,
+    XFER,
+    BlobServer,
+    expected_digest,
+    recv_exact,
+    send_blob,
+)
 
 from .conftest import LB2
 from .helpers import (
@@ -210,22 +217,13 @@ class PausedTransfer:
             # send_blob from an offset: the blob repeats every MB
             sender = threading.Thread(target=self._send_rest, args=(rest,), daemon=True)
             sender.start()
-            digest = self._recv_digest()
+            digest = recv_exact(self.sock, 32).hex()
             sender.join(timeout)
             return digest
 
     def _send_rest(self, rest: int) -> None:
         with contextlib.suppress(OSError):  # the digest read reports the failure
             send_blob(self.sock, rest)
-
-    def _recv_digest(self) -> str:
-        buf = b""
-        while len(buf) < 32:
-            chunk = self.sock.recv(32 - len(buf))
-            if not chunk:
-                raise ConnectionError("peer closed before the digest")
-            buf += chunk
-        return buf.hex()
 
 
 @pytest.fixture
@@ -480,10 +478,6 @@ def vrrp_pair(pair: str, ipvs: IPVS, tmp_path: Path) -> Iterator[dict[str, objec
         flush_neighbours()
 
 
-def has_addr(ns: str, addr: str) -> bool:
-    return bool(netns.run(ns, ["ip", "-o", "addr", "show", "to", addr]).stdout.strip())
-
-
 def test_keepalived_hands_running_transfers_over_and_back(
         vrrp_pair: dict[str, object], tmp_path: Path) -> None:
     """keepalived runs the pair from rendered configs; the master is killed
@@ -491,7 +485,7 @@ def test_keepalived_hands_running_transfers_over_and_back(
     up, IPv4 and IPv6, SYN-proxy NAT down): they complete through the
     backup with identical bytes, one connection each on the real servers. One
     more goes back to the old master when it returns (failback)."""
-    from .test_keepalived import Keepalived, render
+    from .test_keepalived import Keepalived, has_addr, render
 
     daemons: list[Keepalived] = vrrp_pair["daemons"]  # type: ignore[assignment]
     for d in ("lb", "lb2", "lb-again"):
