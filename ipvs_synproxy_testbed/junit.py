@@ -21,10 +21,19 @@ class Summary:
     # seconds per test and per test module: where a run's time goes
     times: dict[str, float] = field(default_factory=dict)
     module_times: dict[str, float] = field(default_factory=dict)
+    # a failed test's own message: CI keeps only the console, not the guest's log
+    reasons: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.passed > 0 and not self.failed and not self.skipped
+
+
+def reason(element: ET.Element, limit: int = 1500) -> str:
+    """The message of a <failure> or <error>, cut to ``limit`` characters."""
+    lines = (element.text or "").strip().splitlines()
+    text = element.get("message") or (lines[-1] if lines else "")
+    return text if len(text) <= limit else text[:limit] + " [...]"
 
 
 def summarize(xml_text: str) -> Summary:
@@ -35,8 +44,12 @@ def summarize(xml_text: str) -> Summary:
         s.times[name] = seconds
         module = case.get("classname", "")
         s.module_times[module] = s.module_times.get(module, 0.0) + seconds
-        if case.find("failure") is not None or case.find("error") is not None:
+        bad = case.find("failure")
+        if bad is None:
+            bad = case.find("error")
+        if bad is not None:
             s.failed.append(name)
+            s.reasons[name] = reason(bad)
         elif case.find("skipped") is not None:
             s.skipped.append(name)
         else:

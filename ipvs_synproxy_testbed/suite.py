@@ -103,6 +103,7 @@ def judge(run: Run) -> bool:
         return False
     for name in s.failed:
         print(f"{run.kind} on {run.series}: FAILED {name}", file=sys.stderr)
+        print(f"    {s.reasons.get(name, '')}", file=sys.stderr)
     for name in s.skipped:
         print(f"{run.kind} on {run.series}: SKIPPED (not allowed) {name}", file=sys.stderr)
     if not s.ok and s.failed:

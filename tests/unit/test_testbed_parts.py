@@ -105,6 +105,17 @@ def test_junit_rejects_failures_and_skips() -> None:
     assert not junit.summarize(skipped).ok
 
 
+def test_junit_keeps_the_reason_of_a_failure_for_the_console() -> None:
+    report = JUNIT.format('<testcase name="u"><failure message="AssertionError: 3 &lt; 4">'
+                          'long traceback</failure></testcase>'
+                          '<testcase name="v"><error>trace\nOSError: gone</error></testcase>'
+                          f'<testcase name="w"><failure message="{"x" * 2000}"/></testcase>')
+    s = junit.summarize(report)
+    assert s.reasons["::u"] == "AssertionError: 3 < 4"
+    assert s.reasons["::v"] == "OSError: gone"
+    assert s.reasons["::w"].endswith(" [...]") and len(s.reasons["::w"]) < 1600
+
+
 def test_guest_learns_where_the_hosts_stop_file_is(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     env = vm._env_file(vm.VmOptions(), None, tmp_path)

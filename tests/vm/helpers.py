@@ -131,11 +131,11 @@ CLIENT_MAC = "02:00:00:00:01:02"
 LB_MAC = "02:00:00:00:01:01"
 
 
-def send_frames(frames: list[bytes]) -> None:
-    with netns.netns("client"):
+def send_frames(frames: list[bytes], ns: str = "client", dev: str = "eth0") -> None:
+    with netns.netns(ns):
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     with s:
-        s.bind(("eth0", 0))
+        s.bind((dev, 0))
         for f in frames:
             s.send(f)
 
@@ -178,12 +178,14 @@ METHODS = {"nat": FwdMethod.MASQ, "fullnat": FwdMethod.FULLNAT}
 
 
 def synproxy_service(conn: IPVS, net: Net, fwd: FwdMethod, port: int = 80,
-                     synproxy: bool = True, servers: tuple[str, ...] = ("rs1", "rs2")
-                     ) -> Service:
+                     synproxy: bool = True, servers: tuple[str, ...] = ("rs1", "rs2"),
+                     rs_port: int | None = None) -> Service:
+    """VIP:port to port (or rs_port) of the servers, all weight 1, round robin."""
     svc = Service(addr=IP(net.vip), port=port, scheduler="rr", synproxy=synproxy)
     conn.add_service(svc)
     for rs in servers:
-        conn.add_dest(svc, Dest(addr=IP(net.rs[rs]), port=port, fwd=fwd, weight=1))
+        conn.add_dest(svc, Dest(addr=IP(net.rs[rs]), port=rs_port or port, fwd=fwd,
+                                weight=1))
     if fwd is FwdMethod.FULLNAT:
         for laddr in net.laddrs:
             conn.add_laddr(svc, IP(laddr))

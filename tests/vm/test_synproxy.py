@@ -458,50 +458,56 @@ def on_one_vcpu(proc: ServerProcess, cpu: int = 0) -> Iterator[None]:
 def test_throughput_is_at_least_80_percent_of_the_same_service_without_proxy(
         ipvs: IPVS, blob_servers: ServerProcess, method: str,
         family: str) -> None:
-    """Measured in the same run, interleaved over five rounds, median of each,
-    with both ends on one vCPU (the guest is emulated and a busy host slows
-    whole rounds down, so the best or worst single round says little; a
-    systematic slowdown moves the median).
+    """Measured in the same run: two services to the same servers, VIP:8080
+    with the proxy and VIP:8081 without, transfers through one and the other
+    back to back, their order alternating (on-off, off-on, ...), both ends on
+    one vCPU. The guest is emulated and a busy host slows whole seconds
+    down (CI runs two guests side by side): two transfers next to each other
+    see the same host, so each pair gives one ratio, and the median of the
+    ratios is the finding, which one disturbed pair cannot move.
     Bytes are not hashed here, so the rate is the network path's; the tests
     above check them. The servers run in a process of their own
-    (``blob_servers``). Every "on" round must really go through the proxy
-    (synproxy_conn_proxied counts both of its connections), every "off" round
-    must not touch it."""
+    (``blob_servers``). Every transfer through the proxied service must
+    really be proxied (synproxy_conn_proxied counts it), every other must
+    not touch the proxy."""
     net = NETS[family]
-    rates: dict[tuple[bool, str], list[float]] = {}
+    synproxy_service(ipvs, net, METHODS[method], port=8080, synproxy=True)
+    synproxy_service(ipvs, net, METHODS[method], port=8081, synproxy=False, rs_port=8080)
+    ratios: dict[str, list[float]] = {"download": [], "upload": []}
     with on_one_vcpu(blob_servers):
-        _measure_rates(ipvs, net, method, rates)
-    report = {f"{'on' if k[0] else 'off'}-{k[1]}": [round(r, 1) for r in v]
-              for k, v in rates.items()}
-    print(f"MB/s {method} {family}: {report}")
-    median = {k: statistics.median(v) for k, v in rates.items()}
-    short = [f"{d}: {median[(True, d)]:.1f} MB/s with the proxy, "
-             f"{median[(False, d)]:.1f} without (medians)"
-             for d in ("download", "upload") if median[(True, d)] < 0.8 * median[(False, d)]]
+        for rnd in range(THROUGHPUT_PAIRS):
+            for direction in ratios:
+                order = (True, False) if rnd % 2 == 0 else (False, True)
+                rate = {on: _proxied_rate(net, direction, on) for on in order}
+                ratios[direction].append(rate[True] / rate[False])
+    print(f"on/off ratios {method} {family}: "
+          f"{ {d: [round(r, 2) for r in v] for d, v in ratios.items()} }")
+    short = [f"{d}: {statistics.median(v):.2f} of the rate without the proxy "
+             f"(median of {[round(r, 2) for r in v]})"
+             for d, v in ratios.items() if statistics.median(v) < 0.8]
     assert not short, "; ".join(short)
 
 
-def _measure_rates(ipvs: IPVS, net: Net, method: str,
-                   rates: dict[tuple[bool, str], list[float]]) -> None:
-    for _ in range(5):
-        for synproxy in (False, True):
-            ipvs.flush()
-            synproxy_service(ipvs, net, METHODS[method], port=8080, synproxy=synproxy)
-            start = ext_stats_file()
-            for direction in ("download", "upload"):
-                rates.setdefault((synproxy, direction), []).append(
-                    _transfer_or_explain(net, direction, synproxy, start))
-            proxied = ext_stats_file()["synproxy_conn_proxied"] - start["synproxy_conn_proxied"]
-            assert proxied == (2 if synproxy else 0), \
-                f"synproxy {'on' if synproxy else 'off'}: {proxied} connections proxied"
+THROUGHPUT_PAIRS = 9
+THROUGHPUT_XFER = 24 * 1024 * 1024
 
 
-def _transfer_or_explain(net: Net, direction: str, synproxy: bool,
+def _proxied_rate(net: Net, direction: str, synproxy: bool) -> float:
+    """One transfer through VIP:8080 (proxied) or VIP:8081; its MB/s."""
+    start = ext_stats_file()
+    rate = _transfer_or_explain(net, 8080 if synproxy else 8081, direction, synproxy, start)
+    proxied = ext_stats_file()["synproxy_conn_proxied"] - start["synproxy_conn_proxied"]
+    assert proxied == (1 if synproxy else 0), \
+        f"{direction} with the proxy {'on' if synproxy else 'off'}: {proxied} proxied"
+    return rate
+
+
+def _transfer_or_explain(net: Net, port: int, direction: str, synproxy: bool,
                          start: dict[str, int]) -> float:
     # A stalled transfer (seen once in CI, 2026-12-02, FULLNAT v6) says nothing
     # by itself: name the round and every counter that moved since it began.
     try:
-        return transfer(net, 8080, direction, check=False)
+        return transfer(net, port, direction, THROUGHPUT_XFER, check=False)
     except TimeoutError as e:
         now = ext_stats_file()
         moved = {k: v - start.get(k, 0) for k, v in now.items() if v != start.get(k, 0)}
@@ -656,8 +662,11 @@ def test_the_ack_storm_filter_leaves_newreno_loss_recovery_alone(
     that is loss recovery, not a storm. Downloads under 1 % loss (a larger
     window than at 3 %: more duplicate ACKs per loss) toward a
     client with SACK off, the filter on (the default) and off in turns: with
-    it on, none of the client's ACKs is dropped, and the downloads are not
-    slower."""
+    it on, none of the client's ACKs is dropped. Dropping is the filter's
+    only effect, so nothing dropped means the same path as with it off; the
+    durations are printed, not judged (a busy host moves them more than the
+    filter could). test_synproxy_hardening's burst test shows the same
+    deterministically."""
     net = NETS[family]
     synproxy_service(ipvs, net, METHODS[method], port=8080, servers=("rs1",))
     seconds: dict[int, list[float]] = {10: [], 0: []}
@@ -674,5 +683,3 @@ def test_the_ack_storm_filter_leaves_newreno_loss_recovery_alone(
                         dropped += ext_stats_file()["synproxy_ack_storm"] - before
     print(f"download seconds, filter on: {seconds[10]}, off: {seconds[0]}")
     assert dropped == 0, f"the filter dropped {dropped} duplicate ACKs of loss recovery"
-    # the same code path once nothing is dropped: only a gross slowdown is a finding
-    assert sum(seconds[10]) <= 3 * sum(seconds[0]) + 2, seconds
