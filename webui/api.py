@@ -18,7 +18,7 @@ OPENAPI = Path(__file__).with_name("openapi.json")
 
 
 _JSON_TYPES = {int: "an integer", bool: "true or false", str: "a string"}
-_RANGES = {"weight": " 0-65535", "port": " 1-65535"}  # as webui/validate.py checks them
+_RANGES = {"weight": " 0-2147483647", "port": " 1-65535"}  # as webui/validate.py checks them
 
 
 def _body(fields: dict[str, type]) -> dict[str, Any]:

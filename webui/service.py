@@ -34,7 +34,7 @@ from ipvs_synproxy.kernel.model import (
 )
 from webui import validate
 
-WEIGHT_MAX = 65535  # ipvsadm's limit; the kernel would take up to INT_MAX
+WEIGHT_MAX = 2**31 - 1  # the kernel's, ipvsadm's and the config file's limit (INT_MAX)
 STATS_FIELDS = [f.name for f in dataclasses.fields(Stats)]
 PROC_STATS = "/proc/thread-self/net/ip_vs_stats"  # thread-self: setns is per thread
 
@@ -129,7 +129,7 @@ def _checked(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
 
 
 def parse_weight(value: object) -> int:
-    """A weight from a form or JSON: a decimal integer 0-65535 (ipvsadm's range)."""
+    """A weight from a form or JSON: a decimal integer 0-2147483647 (ipvsadm's range)."""
     return int(_checked(validate.integer, value, "weight", 0, WEIGHT_MAX))
 
 

@@ -49,7 +49,7 @@ class BuildResult:
 
 
 def patches_dir() -> Path:
-    return paths.project_root() / "keepalived" / "patches"
+    return paths.keepalived_patches_dir()
 
 
 def cache_dir() -> Path:
@@ -60,8 +60,13 @@ def read_series(pdir: Path | None = None) -> list[Path]:
     """The patches listed in ``series`` (``#`` comments and blank lines allowed)."""
     pdir = pdir or patches_dir()
     series = pdir / "series"
+    try:
+        text = series.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeepalivedBuildError(f"cannot read the patch series {series}: "
+                                   f"{getattr(exc, 'strerror', None) or exc}") from None
     out = []
-    for lineno, raw in enumerate(series.read_text().splitlines(), 1):
+    for lineno, raw in enumerate(text.splitlines(), 1):
         name = raw.split("#", 1)[0].strip()
         if not name:
             continue
@@ -70,6 +75,8 @@ def read_series(pdir: Path | None = None) -> list[Path]:
             raise KeepalivedBuildError(f"{series}:{lineno}: patch {p.name} listed but "
                                        "not found")
         out.append(p)
+    if not out:
+        raise KeepalivedBuildError(f"the patch series {series} lists no patch")
     return out
 
 

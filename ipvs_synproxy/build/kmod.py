@@ -236,10 +236,14 @@ def read_series(sdir: Path | None = None, *, series: str | None = None) -> list[
     ``-pN`` suffixes are allowed)."""
     sdir = sdir or series_dir(series or SUPPORTED_SERIES[-1])
     listing = sdir / "series"
-    if not listing.exists():
-        return []
+    try:
+        text = listing.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        # never build without the patches: that would be stock IPVS under our name
+        raise KmodError(f"cannot read the patch series {listing}: "
+                        f"{getattr(exc, 'strerror', None) or exc}") from None
     out = []
-    for lineno, raw in enumerate(listing.read_text().splitlines(), 1):
+    for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -248,6 +252,8 @@ def read_series(sdir: Path | None = None, *, series: str | None = None) -> list[
         if not p.is_file():
             raise KmodError(f"{listing}:{lineno}: patch {name} listed but not found")
         out.append(p)
+    if not out:
+        raise KmodError(f"the patch series {listing} lists no patch")
     return out
 
 

@@ -14,9 +14,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from ipvs_synproxy.cli import guard
 from ipvs_synproxy.config import load as config_load
 from ipvs_synproxy.config import plan as config_plan
 from ipvs_synproxy.config import reader as config_reader
+from ipvs_synproxy.config import schema as config_schema
 from ipvs_synproxy.kernel import netlink, stats, sysctl
 
 EXIT_FAILED = 1
@@ -68,8 +70,35 @@ def _plan_json(p: config_plan.Plan) -> dict[str, Any]:
             "problems": p.problems}
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    if args.schema:
+        print(json.dumps(config_schema.schema(), indent=1))
+        return 0
+    if args.file is None:
+        _err("check: a config file to check (or --schema)")
+        return EXIT_USAGE
+    try:
+        text = config_load.read_text(args.file)
+    except config_reader.ConfigError as exc:
+        errors = [exc]
+    else:
+        errors = config_load.check(text, args.file)
+    if args.json:
+        _print_json({"file": args.file, "valid": not errors,
+                     "errors": [{"where": e.source, "key": e.field, "message": e.message}
+                                for e in errors]})
+    else:
+        for e in errors:
+            print(e)
+        print(f"{args.file}: {len(errors)} error(s)" if errors else f"{args.file}: valid",
+              file=sys.stderr)
+    return EXIT_USAGE if errors else 0
+
+
 def _cmd_diff(args: argparse.Namespace) -> int:
     rc, p, ipvs = _plan(args)
+    if args.exit_code and rc == EXIT_FAILED:
+        return EXIT_USAGE       # 1 is reserved for "differs"
     if p is None or ipvs is None:
         return rc
     ipvs.close()
@@ -83,10 +112,27 @@ def _cmd_diff(args: argparse.Namespace) -> int:
                   "(it cannot be read back to compare)")
         for problem in p.problems:
             print(f"problem: {problem}")
+    if args.exit_code:
+        return EXIT_USAGE if p.problems else (EXIT_FAILED if p.changes else 0)
     return EXIT_FAILED if p.problems else 0
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
+    try:
+        with guard.exclusive(guard.state_dir(args.state_dir), f"apply {args.file}"):
+            return _apply_locked(args)
+    except guard.GuardError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+
+
+def _refuse(args: argparse.Namespace, out: dict[str, Any], why: str, hint: str) -> None:
+    if args.json:
+        _print_json({**out, "applied": False, "error": why})
+    _err(f"refused: {why}; nothing was changed ({hint})")
+
+
+def _apply_locked(args: argparse.Namespace) -> int:
     rc, p, ipvs = _plan(args)
     if p is None or ipvs is None:
         return rc
@@ -99,9 +145,19 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                 _err(f"cannot apply: {problem}")
             _err("nothing was applied")
             return EXIT_FAILED
+        why = None if args.prune else config_plan.deletion_refusal(p, args.max_delete)
+        if why is not None:
+            _refuse(args, out, why, "--prune deletes them")
+            return EXIT_USAGE
+        if p.changes:
+            saved = guard.save(guard.state_dir(args.state_dir), p.current)
+            if not args.json:
+                print(f"saved the live table to {saved.dump} "
+                      "(ipvs-synproxy restore puts it back)")
         try:
             config_plan.apply_plan(p, ipvs, sysctl.Sysctls(args.netns))
         except config_plan.ApplyError as exc:
+            guard.log_changes([f"{exc} (rolled back)"], f"apply {args.file} failed")
             if args.json:
                 _print_json({**out, "applied": False, "error": str(exc.error),
                              "failed": config_plan.change_dict(exc.failed)
@@ -112,6 +168,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                                                  for c, e in exc.rollback_errors]})
             _err(f"apply {args.file}: {exc}")
             return EXIT_FAILED
+    guard.log_changes([config_plan.describe(c) for c in p.changes], f"apply {args.file}")
     if args.json:
         _print_json({**out, "applied": True})
     else:
@@ -121,6 +178,45 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             print(f"cookie secret set from {p.config.secret_file}")
         if p.changes:
             print("applied")
+    return 0
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    directory = guard.state_dir(args.state_dir)
+    states = guard.saved_states(directory)
+    if args.list:
+        for name in guard.describe_saved(states):
+            print(name)
+        return 0
+    chosen = [s for s in states if args.state in (None, guard.describe_saved([s])[0])]
+    if not chosen:
+        _err(f"no saved state {args.state or ''} in {directory} "
+             f"(saved: {', '.join(guard.describe_saved(states)) or 'none'})")
+        return EXIT_USAGE
+    try:
+        desired = guard.read_saved(chosen[0])
+        with guard.exclusive(directory, f"restore {chosen[0].dump.name}"), \
+                _connect(args.netns) as ipvs:
+            sc = sysctl.Sysctls(args.netns)
+            current = config_plan.read_state(ipvs, sc, desired.sysctls)
+            changes = config_plan.diff(current, desired)
+            if changes:
+                guard.save(directory, current)
+            config_plan.apply_changes(changes, config_plan.KernelTarget(ipvs, sc))
+    except guard.GuardError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    except netlink.NetlinkError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    except config_plan.ApplyError as exc:
+        _err(f"restore {chosen[0].dump}: {exc}")
+        return EXIT_FAILED
+    guard.log_changes([config_plan.describe(c) for c in changes],
+                      f"restore {chosen[0].dump.name}")
+    for line in config_plan.format_changes(changes):
+        print(line)
+    print(f"restored {chosen[0].dump}")
     return 0
 
 
@@ -251,6 +347,22 @@ def _cmd_sysctl_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a percentage: {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"percentage out of range 0-100: {text}")
+    return value
+
+
+def _state_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", metavar="DIR", default=None,
+                   help="where applies save the live table and take their lock (default "
+                        "/var/lib/ipvs-synproxy for root; IPVS_SYNPROXY_STATE_DIR)")
+
+
 def _netns_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--netns", metavar="NAME", default=None,
                    help="network namespace to act on (default: the current one)")
@@ -264,8 +376,24 @@ def register(sub: Any) -> None:
                                    "laddrs and sysctls to add, edit or delete.")
     d.add_argument("file", help="YAML config file (see docs/operator-guide.md)")
     d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.add_argument("--exit-code", action="store_true",
+                   help="exit 0 when nothing differs, 1 when something does, 2 on an "
+                        "error (for drift checks in cron or CI)")
     _netns_arg(d)
     d.set_defaults(func=_cmd_diff)
+
+    c = sub.add_parser("check", help="validate a config file without a kernel",
+                       description="Check a config file offline, with every rule apply and "
+                                   "render use (keys, types, ranges, families, SYN proxy only "
+                                   "with NAT or FULLNAT, FULLNAT with laddrs, duplicates, the "
+                                   "keepalived section, the secret file's permissions) and "
+                                   "report every error at once as FILE:LINE: KEY: MESSAGE. "
+                                   "Exit 0 valid, 2 invalid. Touches no kernel.")
+    c.add_argument("file", nargs="?", help="YAML config file (see docs/operator-guide.md)")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.add_argument("--schema", action="store_true",
+                   help="print the config file's JSON Schema (for editors) and exit")
+    c.set_defaults(func=_cmd_check)
 
     a = sub.add_parser("apply", help="make the kernel match a config file, all or nothing",
                        description="Change only what differs (no flush; edits are edits, "
@@ -273,8 +401,31 @@ def register(sub: Any) -> None:
                                    "ones already made are undone and the command exits 1.")
     a.add_argument("file", help="YAML config file (see docs/operator-guide.md)")
     a.add_argument("--json", action="store_true", help="machine-readable output")
+    a.add_argument("--prune", "--allow-deletes", dest="prune", action="store_true",
+                   help="allow deleting every live service the file lacks, however many "
+                        "(without it an apply that deletes more than --max-delete percent "
+                        "of them, or all of them, is refused)")
+    a.add_argument("--max-delete", type=_percent, metavar="PERCENT",
+                   default=config_plan.MAX_DELETE_PERCENT,
+                   help="the share of live services an apply may delete without --prune "
+                        f"(default {config_plan.MAX_DELETE_PERCENT:g}; one is always allowed)")
+    _state_dir_arg(a)
     _netns_arg(a)
     a.set_defaults(func=_cmd_apply)
+
+    r = sub.add_parser("restore", help="put back the table saved before an apply",
+                       description="Every apply saves the live table (an ipvsadm -S dump "
+                                   "and the sysctls the file names) to the state directory "
+                                   "before changing anything. restore makes the kernel "
+                                   "match the newest saved state (or STATE), the same way "
+                                   "apply does: only what differs, all or nothing, saving "
+                                   "the table it replaces first.")
+    r.add_argument("state", nargs="?", metavar="STATE",
+                   help="a saved state's name (see --list; default: the newest)")
+    r.add_argument("--list", action="store_true", help="list the saved states, newest first")
+    _state_dir_arg(r)
+    _netns_arg(r)
+    r.set_defaults(func=_cmd_restore)
 
     s = sub.add_parser("stats", help="service, real-server and extended counters")
     s.add_argument("--watch", type=float, metavar="SECONDS", default=None,

@@ -31,12 +31,23 @@ def _cmd_render(args: argparse.Namespace) -> int:
     except config_reader.ConfigError as exc:
         _err(f"invalid config: {exc}\nnothing was rendered")
         return EXIT_USAGE
+    if not cfg.state.services and not args.allow_empty:
+        # keepalived would take every virtual server down at its next reload
+        _err(f"{args.file} declares no service: a keepalived.conf without virtual "
+             "servers removes every one on reload; nothing was rendered "
+             "(--allow-empty renders it anyway)")
+        return EXIT_USAGE
     if args.output in (None, "-"):
         sys.stdout.write(text)
         return 0
     # Replace the file atomically: keepalived may reload at any moment.
     out_dir = os.path.dirname(os.path.abspath(args.output))
-    fd, tmp = tempfile.mkstemp(prefix=".keepalived-", dir=out_dir)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".keepalived-", dir=out_dir)
+    except OSError as exc:
+        _err(f"writing {args.output}: {exc.strerror or exc} ({out_dir}); "
+             "nothing was written")
+        return EXIT_FAILED
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -74,6 +85,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r.add_argument("file", help="the YAML config file")
     r.add_argument("-o", "--output", metavar="PATH",
                    help="write here (atomically) instead of to standard output")
+    r.add_argument("--allow-empty", action="store_true",
+                   help="render even a file without services (keepalived then removes "
+                        "every virtual server)")
     r.set_defaults(func=_cmd_render)
     b = ks.add_parser(
         "build", help="download, verify, patch and build keepalived 2.2.7",

@@ -92,12 +92,26 @@ def _kernel_option(p: argparse.ArgumentParser, what: str) -> None:
                         "default: the newest supported one that apt serves)")
 
 
+def version_text() -> str:
+    """The package's version and the kernel series it carries patches for."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("ipvs-synproxy")
+    except PackageNotFoundError:
+        ours = "unknown (not installed)"
+    return (f"ipvs-synproxy {ours} (kernel patch series: "
+            f"{', '.join(f'Linux {s}' for s in kmod.known_series())})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ipvs-synproxy",
         description="FULLNAT and SYN proxy for Linux IPVS: build the patched modules, "
                     "run the QEMU testbed, manage services.",
     )
+    p.add_argument("--version", action="version", version=version_text(),
+                   help="show the version and the supported kernel series, then exit")
     sub = p.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
     km = sub.add_parser("kmod", help="build the patched IPVS modules")

@@ -14,10 +14,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from ipvs_synproxy.config import keepalived_settings
 from ipvs_synproxy.config.keepalived_settings import KeepalivedSettings
@@ -54,6 +54,7 @@ from ipvs_synproxy.kernel.model import (
 )
 
 SECRET_LEN = 16
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,13 @@ def _read_service(r: Reader, raw: object, line: int, path: str) -> ServiceState:
                     raise r.err(r.at(dm, "forward"), f"{dpath}.forward", why)
                 raise r.err(r.at(m, "forward"), f"{path}.forward", why)
             dests.append(dest)
+    fullnat = [d for d in dests if d.fwd is FwdMethod.FULLNAT]
+    if fullnat and not laddrs:
+        key = "forward" if "forward" in m else "real_servers"
+        raise r.err(r.at(m, key), f"{path}.laddrs",
+                    f"FULLNAT real server {fullnat[0]} needs the service's local addresses: "
+                    "add 'laddrs' (balancer addresses of the service's family that the real "
+                    "servers reach; the kernel drops FULLNAT connections without one)")
     return ServiceState(svc, tuple(dests), tuple(laddrs))
 
 
@@ -304,52 +312,128 @@ def read_secret(path: str, source: str, *, require_root_owner: bool = True) -> b
                      f"head -c {SECRET_LEN} /dev/urandom | od -An -tx1 | tr -d ' \\n' > {path}")
 
 
-def loads(text: str, filename: str = "<config>", *, require_root_owner: bool = True
-          ) -> Config:
-    """Parse and validate a config; raises :class:`ConfigError`."""
+class _Errors:
+    """Raise the first error (``loads``), or collect them all (``check``)."""
+
+    def __init__(self, keep_going: bool) -> None:
+        self.keep_going = keep_going
+        self.found: list[ConfigError] = []
+
+    def run(self, fn: Callable[..., _T], *args: Any) -> _T | None:
+        try:
+            return fn(*args)
+        except ConfigError as exc:
+            if not self.keep_going:
+                raise
+            self.found.append(exc)
+            return None
+
+
+def _secret(r: Reader, top: YamlMap, require_root_owner: bool) -> tuple[bytes, str]:
+    secret_file = r.parse(top, "cookie_secret_file", "", lambda s: read_str(
+        top["cookie_secret_file"], s, "cookie_secret_file"))
+    if not os.path.isabs(secret_file):
+        raise r.err(r.at(top, "cookie_secret_file"), "cookie_secret_file",
+                    f"must be an absolute path, got {secret_file!r}")
+    secret = r.parse(top, "cookie_secret_file", "", lambda s: read_secret(
+        secret_file, s, require_root_owner=require_root_owner))
+    return secret, secret_file
+
+
+def _services(r: Reader, top: YamlMap, errors: _Errors
+              ) -> tuple[list[ServiceState], dict[Any, str], bool]:
+    """The services, where each came from, and whether all of them were valid."""
+    services: list[ServiceState] = []
+    origins: dict[Any, str] = {}
+    seq = errors.run(r.seq, top["services"], r.at(top, "services"), "services")
+    if seq is None:
+        return services, origins, False
+    complete = True
+    for i, raw in enumerate(seq):
+        st = errors.run(_read_service, r, raw, seq.item_lines[i], f"services[{i}]")
+        if st is None:
+            complete = False
+            continue
+        key = st.service.key()
+        where = f"{r.filename}:{seq.item_lines[i]}"
+        if key in origins:
+            errors.run(_raise, ConfigError(where, f"services[{i}]",
+                                           f"duplicate service {st.service} (first at "
+                                           f"{origins[key]})"))
+            complete = False
+            continue
+        origins[key] = where
+        services.append(st)
+    return services, origins, complete
+
+
+def _raise(exc: ConfigError) -> None:
+    raise exc
+
+
+def _load(text: str, filename: str, errors: _Errors, require_root_owner: bool
+          ) -> Config | None:
     r = Reader(filename)
-    doc = parse_yaml(text, filename)
+    doc = errors.run(parse_yaml, text, filename)
+    if errors.found:
+        return None
     if doc is None:
         doc = YamlMap()
         doc.line, doc.key_lines = 1, {}
-    top = r.mapping(doc, 1, "", TOP_KEYS)
+    top = errors.run(r.mapping, doc, 1, "", TOP_KEYS)
+    if top is None:
+        return None
     sysctls: dict[str, sysctl_mod.Value] = {}
     if "sysctl" in top and top["sysctl"] is not None:
-        sysctls = _read_sysctls(r, top["sysctl"], r.at(top, "sysctl"))
+        sysctls = errors.run(_read_sysctls, r, top["sysctl"], r.at(top, "sysctl")) or {}
     secret = secret_file = None
     if "cookie_secret_file" in top:
-        secret_file = r.parse(top, "cookie_secret_file", "", lambda s: read_str(
-            top["cookie_secret_file"], s, "cookie_secret_file"))
-        if not os.path.isabs(secret_file):
-            raise r.err(r.at(top, "cookie_secret_file"), "cookie_secret_file",
-                        f"must be an absolute path, got {secret_file!r}")
-        secret = r.parse(top, "cookie_secret_file", "", lambda s: read_secret(
-            secret_file, s, require_root_owner=require_root_owner))
+        secret, secret_file = errors.run(_secret, r, top, require_root_owner) or (None, None)
     services: list[ServiceState] = []
     origins: dict[Any, str] = {}
+    complete = True
     if "services" in top and top["services"] is not None:
-        seq = r.seq(top["services"], r.at(top, "services"), "services")
-        for i, raw in enumerate(seq):
-            st = _read_service(r, raw, seq.item_lines[i], f"services[{i}]")
-            key = st.service.key()
-            where = f"{filename}:{seq.item_lines[i]}"
-            if key in origins:
-                raise ConfigError(where, f"services[{i}]",
-                                  f"duplicate service {st.service} (first at "
-                                  f"{origins[key]})")
-            origins[key] = where
-            services.append(st)
-    keepalived = keepalived_settings.read(r, top, services)
+        services, origins, complete = _services(r, top, errors)
+    # the keepalived section pairs health checks with the services by position
+    keepalived = errors.run(keepalived_settings.read, r, top, services) if complete else None
+    if errors.found:
+        return None
     return Config(filename, State(tuple(services), sysctls), secret, secret_file, origins,
                   keepalived)
 
 
-def load(path: str, *, require_root_owner: bool = True) -> Config:
+def loads(text: str, filename: str = "<config>", *, require_root_owner: bool = True
+          ) -> Config:
+    """Parse and validate a config; raises the first :class:`ConfigError`."""
+    cfg = _load(text, filename, _Errors(keep_going=False), require_root_owner)
+    assert cfg is not None
+    return cfg
+
+
+def check(text: str, filename: str = "<config>", *, require_root_owner: bool = True
+          ) -> list[ConfigError]:
+    """Every error of a config, in file order (a service with several bad
+    values reports its first; the ``keepalived`` section is checked once the
+    services are valid)."""
+    errors = _Errors(keep_going=True)
+    _load(text, filename, errors, require_root_owner)
+    return sorted(errors.found, key=_line)
+
+
+def _line(exc: ConfigError) -> int:
+    tail = exc.source.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def read_text(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except OSError as exc:
         raise ConfigError(path, "file", exc.strerror or str(exc)) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(path, "file", f"not UTF-8 text: {exc.reason}") from None
-    return loads(text, path, require_root_owner=require_root_owner)
+
+
+def load(path: str, *, require_root_owner: bool = True) -> Config:
+    return loads(read_text(path), path, require_root_owner=require_root_owner)

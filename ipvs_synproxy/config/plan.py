@@ -424,6 +424,27 @@ def plan(cfg: Config, ipvs: netlink.IPVS, sysctls: sysctl_mod.Sysctls) -> Plan:
                 problems(current, cfg, capabilities(ipvs)))
 
 
+MAX_DELETE_PERCENT = 50.0
+
+
+def deletion_refusal(p: Plan, max_percent: float = MAX_DELETE_PERCENT) -> str | None:
+    """Why applying ``p`` looks like a mistake rather than an intent: a file
+    with no service at all (empty, truncated, the wrong one) facing a live
+    table, or one that deletes more than ``max_percent`` of the live services
+    (one deletion is always allowed). None when it may go ahead."""
+    live = len(p.current.services)
+    gone = sum(1 for c in p.changes if c.op is Op.DELETE and c.kind == "service")
+    if not gone:
+        return None
+    if not p.config.state.services:
+        return (f"{p.config.path} declares no service: applying it would delete all "
+                f"{live} live service(s)")
+    if gone > max(1.0, live * max_percent / 100):
+        return (f"applying {p.config.path} would delete {gone} of the {live} live "
+                f"services, more than {max_percent:g}%")
+    return None
+
+
 def apply_plan(p: Plan, ipvs: netlink.IPVS, sysctls: sysctl_mod.Sysctls) -> None:
     """Apply ``p`` all or nothing (raises :class:`ApplyError`); the cookie
     secret, which cannot be read back, is set last so a failure leaves it alone."""

@@ -116,6 +116,7 @@ _FWD_NAMES = {
     "tunnel": FwdMethod.TUNNEL, "ipip": FwdMethod.TUNNEL, "dr": FwdMethod.ROUTE,
     "route": FwdMethod.ROUTE, "gatewaying": FwdMethod.ROUTE, "fullnat": FwdMethod.FULLNAT,
 }
+FORWARD_NAMES = tuple(sorted(_FWD_NAMES))  # every spelling FwdMethod.parse takes
 
 
 class TunnelType(enum.IntEnum):

@@ -156,17 +156,3 @@ def test_patch_that_does_not_compile_is_named_and_nothing_is_cached(
     out = kmod.cached_build(kernel, key)
     assert not out.exists()
     assert not list(out.parent.glob(f".build-{key}-*"))
-
-
-def test_exported_dkms_tree_builds_on_its_own(tmp_path: Path, series: str) -> None:
-    kernel = kmod.ensure_toolchain(series)
-    tree = kmod.export_tree(tmp_path / "ipvs-synproxy-0.0", "0.0", series)
-    assert 'PACKAGE_VERSION="0.0"' in (tree / "dkms.conf").read_text()
-    subprocess.run(["make", "-C", str(tree), f"KVER={kernel.version}"], check=True,
-                   capture_output=True, timeout=600)
-    built = {p.stem for p in (tree / "net/netfilter/ipvs").glob("*.ko")}
-    listed = set()
-    for line in (tree / "dkms.conf").read_text().splitlines():
-        if line.startswith("BUILT_MODULE_NAME["):
-            listed.add(line.split("=", 1)[1].strip('"'))
-    assert listed == built

@@ -25,8 +25,17 @@ def test_series_keeps_order_and_ignores_comments_and_quilt_flags(tmp_path: Path)
     assert [p.name for p in kmod.read_series(d)] == ["0002-b.patch", "0001-a.patch"]
 
 
-def test_missing_series_file_means_no_patches(tmp_path: Path) -> None:
-    assert kmod.read_series(tmp_path) == []
+def test_a_missing_unreadable_or_empty_series_is_an_error_naming_the_file(
+        tmp_path: Path) -> None:
+    with pytest.raises(kmod.KmodError, match=f"cannot read the patch series {tmp_path}/series"):
+        kmod.read_series(tmp_path)
+    (tmp_path / "series").mkdir()
+    with pytest.raises(kmod.KmodError, match=r"cannot read the patch series .*series"):
+        kmod.read_series(tmp_path)
+    (tmp_path / "series").rmdir()
+    _series(tmp_path, "# nothing yet\n\n", {})
+    with pytest.raises(kmod.KmodError, match=r"series .*series lists no patch"):
+        kmod.read_series(tmp_path)
 
 
 def test_series_naming_a_missing_patch_is_an_error_with_its_line(tmp_path: Path) -> None:

@@ -214,6 +214,54 @@ def test_invalid_config_exits_2_and_applies_nothing(
     assert dump() == before
 
 
+FIRST_SERVICE_ONLY = BASE.split(f'  - vip: "[{V6}]:443"')[0]
+BAD_FILES = {
+    "empty": ("", "declares no service: applying it would delete all 4 live service(s)"),
+    "comments only": ("# lb1\n", "declares no service"),
+    "truncated": (FIRST_SERVICE_ONLY, "would delete 3 of the 4 live services, more than 50%"),
+    "synproxy with dr": (BASE.replace("scheduler: wrr", "scheduler: wrr\n    synproxy: true"),
+                         "a SYN-proxy service needs NAT (-m) or FULLNAT"),
+    "fullnat without laddrs": (BASE.replace(f"{RS1}:80, weight: 3",
+                                            f"{RS1}:80, weight: 3, forward: fullnat"),
+                               "needs the service's local addresses: add 'laddrs'"),
+    "weight above INT_MAX": (BASE.replace("weight: 3", "weight: 2147483648"),
+                             "weight: 2147483648 out of range 0-2147483647"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_a_mistaken_file_is_refused_and_changes_nothing(
+        clean: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str) -> None:
+    """Everyday mistakes (an empty or truncated file, a combination the kernel
+    refuses): a clear error naming the problem, no traceback, the table (-S)
+    and the sysctls as they were, nothing saved."""
+    assert apply_json(capsys, write(tmp_path, BASE))[0] == 0
+    before, knobs_before = dump(), knobs()
+    saved_before = run(capsys, "restore", "--list")[1]
+    text, why = BAD_FILES[case]
+    rc, _, err = run(capsys, "apply", str(write(tmp_path, text, "bad.yaml")), "--netns", "lb")
+    assert rc == 2 and why in err and "Traceback" not in err, err
+    assert dump() == before and knobs() == knobs_before
+    assert run(capsys, "restore", "--list")[1] == saved_before
+
+
+def test_restore_puts_back_the_table_an_apply_replaced(
+        clean: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert apply_json(capsys, write(tmp_path, BASE))[0] == 0
+    before, knobs_before = dump(), knobs()
+    other = FIRST_SERVICE_ONLY.replace("weight: 3", "weight: 7").replace(
+        "expire_nodest_conn: 1", "expire_nodest_conn: 0")
+    rc, out, err = run(capsys, "apply", str(write(tmp_path, other, "other.yaml")),
+                       "--netns", "lb", "--prune")
+    assert rc == 0, err
+    assert "saved the live table to" in out
+    assert dump() != before and knobs()["expire_nodest_conn"] == "0"
+    rc, out, err = run(capsys, "restore", "--netns", "lb")
+    assert rc == 0, err
+    assert dump() == before and knobs() == knobs_before
+    assert "restored" in out
+
+
 class EchoServer:
     """Answers each line on a connection with ``NAME:line``, keeping it open."""
 
