@@ -6,6 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SP := $(VENV)/bin/ipvs-synproxy
 RESULTS := build/test-results
+# make sets the machine up (Debian packages included); the tool alone never
+# installs a package unasked (ipvs-synproxy ... --install-deps).
+export IPVS_SYNPROXY_INSTALL_DEPS := 1
 # Guest test run: a hard limit well under CI's budget.
 VM_TIMEOUT ?= 2700
 

@@ -1,9 +1,12 @@
 """Install the Debian packages a command needs, once, and only when missing.
 
 Every step that needs a system package calls :func:`ensure_debs` with its own
-list first, so a fresh machine (CI, a new developer box) needs nothing but
-``make``. This module knows no caller's packages: it imports nothing of the
-project.
+list first. On a balancer nothing is installed unasked: a missing package is
+an error that names it, unless the operator passed ``--install-deps`` (which
+calls :func:`allow_install`) or IPVS_SYNPROXY_INSTALL_DEPS=1 is set, as the
+Makefile and the testbed do, so that a fresh machine (CI, a new developer box)
+needs nothing but ``make``. This module knows no caller's packages: it imports
+nothing of the project.
 """
 
 from __future__ import annotations
@@ -18,8 +21,20 @@ _apt_updated = False
 LOCK_WAIT = 600
 
 
+ALLOW_ENV = "IPVS_SYNPROXY_INSTALL_DEPS"
+
+
 class DependencyError(RuntimeError):
-    """A required system package could not be installed."""
+    """A required system package is missing or could not be installed."""
+
+
+def install_allowed() -> bool:
+    return os.environ.get(ALLOW_ENV) == "1"
+
+
+def allow_install() -> None:
+    """Let this process (and its children) install missing packages."""
+    os.environ[ALLOW_ENV] = "1"
 
 
 def missing_debs(packages: list[str]) -> list[str]:
@@ -50,7 +65,7 @@ def update() -> None:
     global _apt_updated
     if _apt_updated:
         return
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
+    if shutil.which("apt-get") is None or os.geteuid() != 0 or not install_allowed():
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "-o", f"DPkg::Lock::Timeout={LOCK_WAIT}", "update", "-q"],
@@ -78,6 +93,11 @@ def ensure_debs(packages: list[str]) -> None:
     missing = missing_debs(packages)
     if not missing:
         return
+    if not install_allowed():
+        raise DependencyError(
+            f"missing Debian packages: {' '.join(missing)}; install them with "
+            f"'apt-get install --no-install-recommends {' '.join(missing)}', or pass "
+            "--install-deps to let this command do it")
     if shutil.which("apt-get") is None:
         raise DependencyError(f"missing packages {missing} and no apt-get to install them")
     if os.geteuid() != 0:

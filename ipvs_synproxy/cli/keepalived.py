@@ -95,4 +95,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "apply keepalived/patches and build it (cached by tarball and "
                     "patches). Prints the path of the binary.")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.add_argument("--install-deps", action="store_true",
+                   help="install missing Debian build packages with apt-get instead of "
+                        "naming them and stopping")
     b.set_defaults(func=_cmd_build)

@@ -55,6 +55,8 @@ def _cmd_kmod_dkms_tree(args: argparse.Namespace) -> int:
 def _cmd_vm_exec(args: argparse.Namespace) -> int:
     from ipvs_synproxy_testbed import vm
 
+    apt.allow_install()     # the testbed is a development tool: it sets itself up
+
     cmd = list(args.command)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
@@ -90,6 +92,13 @@ def _kernel_option(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--kernel", type=_series, metavar="SERIES",
                    help=f"{what} for this kernel series ({' or '.join(kmod.known_series())}; "
                         "default: the newest supported one that apt serves)")
+    install_deps_option(p)
+
+
+def install_deps_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--install-deps", action="store_true",
+                   help="install missing Debian packages (kernel headers and source, "
+                        "compilers) with apt-get instead of naming them and stopping")
 
 
 def version_text() -> str:
@@ -131,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "series (or of --kernel's)")
     c.add_argument("--kernel", type=_series, metavar="SERIES",
                    help=f"only this series ({' or '.join(kmod.known_series())})")
+    install_deps_option(c)
     c.set_defaults(func=_cmd_kmod_checkpatch)
     t = kms.add_parser("dkms-tree", help="write the patched source tree with dkms.conf "
                                          "(for /usr/src/ipvs-synproxy-VERSION)")
@@ -179,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["adm"]:
         return adm.main(argv[1:])
     args = build_parser().parse_args(argv)
+    if getattr(args, "install_deps", False):
+        apt.allow_install()
     try:
         rc: int = args.func(args)
     except (kmod.KmodError, apt.DependencyError) as exc:

@@ -197,3 +197,39 @@ def test_dkms_conf_lists_the_modules_the_series_makefile_builds(tmp_path: Path) 
     (ipvs / "Makefile").write_text("obj-y += core.o\n")
     with pytest.raises(kmod.KmodError, match="names no IPVS module"):
         kmod.tree_modules(tmp_path, config)
+
+
+def test_a_missing_package_is_named_not_installed_unless_asked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ipvs_synproxy.build import apt
+
+    monkeypatch.delenv(apt.ALLOW_ENV, raising=False)
+    ran: list[list[str]] = []
+    real_run = apt.subprocess.run
+
+    def record(argv: list[str], **kw: object) -> object:
+        ran.append(list(argv))
+        return real_run(argv, **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(apt.subprocess, "run", record)
+    with pytest.raises(apt.DependencyError,
+                       match="missing Debian packages: ipvs-synproxy-no-such-pkg; install "
+                             "them with 'apt-get install --no-install-recommends "
+                             "ipvs-synproxy-no-such-pkg', or pass --install-deps"):
+        apt.ensure_debs(["ipvs-synproxy-no-such-pkg"])
+    assert all(a[0] == "dpkg-query" for a in ran), ran     # asked dpkg, ran no apt-get
+    apt.update()
+    assert all(a[0] == "dpkg-query" for a in ran), ran
+
+
+def test_install_deps_lets_the_command_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ipvs_synproxy.build import apt
+    from ipvs_synproxy.cli import main as cli
+
+    monkeypatch.delenv(apt.ALLOW_ENV, raising=False)
+    seen: list[bool] = []
+    monkeypatch.setattr(kmod, "build", lambda **kw: seen.append(apt.install_allowed())
+                        or (_ for _ in ()).throw(kmod.KmodError("stop here")))
+    assert cli.main(["kmod", "build"]) == 1
+    assert cli.main(["kmod", "build", "--install-deps"]) == 1
+    assert seen == [False, True]
