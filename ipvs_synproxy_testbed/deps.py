@@ -13,8 +13,9 @@ from ipvs_synproxy.build import apt, kmod
 from ipvs_synproxy.build import keepalived as keepalived_build
 from ipvs_synproxy_testbed import vm
 
-# Used only by tests: the initramfs (cpio), the console's browser test, the DKMS install.
-TEST_DEBS = ["cpio", "chromium", "chromium-driver", "dkms"]
+# Used only by tests: the initramfs (cpio), the console's browser test, the DKMS install,
+# the generated man pages (groff checks them).
+TEST_DEBS = ["cpio", "chromium", "chromium-driver", "dkms", "groff-base"]
 
 
 def project_debs() -> list[str]:

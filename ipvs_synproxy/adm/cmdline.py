@@ -136,6 +136,13 @@ _LONG: dict[str, _Opt] = {
 _SHORT: dict[str, _Opt] = {o.key: o for o in _LONG.values() if len(o.key) == 1}
 _SHORT["l"] = _Opt("L", "none")
 
+
+def option_table() -> list[tuple[str, str | None, str]]:
+    """Every long option the parser takes: (name, its short letter or None,
+    "none"/"required"/"optional" argument), for man pages and completion."""
+    return [(name, o.key if _SHORT.get(o.key) == o else None, o.arg)
+            for name, o in sorted(_LONG.items())]
+
 _COMMAND_OF_KEY = {
     "A": "add-service", "E": "edit-service", "D": "delete-service", "C": "flush",
     "L": "list", "Z": "zero", "a": "add-server", "e": "edit-server", "d": "delete-server",

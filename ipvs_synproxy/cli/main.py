@@ -9,6 +9,7 @@ from pathlib import Path
 from ipvs_synproxy.adm import execute as adm
 from ipvs_synproxy.build import apt, kmod, paths
 from ipvs_synproxy.cli import config as cli_config
+from ipvs_synproxy.cli import docs as cli_docs
 from ipvs_synproxy.cli import keepalived as cli_keepalived
 from webui import cli as webui_cli
 
@@ -69,6 +70,20 @@ def _cmd_vm_exec(args: argparse.Namespace) -> int:
         cwd=Path.cwd(), keep_job=args.keep, verbose=args.verbose, kernel=args.kernel,
     )
     return vm.run(cmd, opts).returncode
+
+
+def _cmd_man(args: argparse.Namespace) -> int:
+    version = version_text().split(" (")[0].removeprefix("ipvs-synproxy ")
+    if args.page == "ipvsadm-sp":
+        sys.stdout.write(cli_docs.ipvsadm_sp_page(version))
+    else:
+        sys.stdout.write(cli_docs.ipvs_synproxy_page(build_parser(), version))
+    return 0
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    sys.stdout.write(cli_docs.bash_completion(build_parser()))
+    return 0
 
 
 def _port(text: str) -> int:
@@ -174,6 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-v", "--verbose", action="store_true", help="show guest boot progress")
     e.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
     e.set_defaults(func=_cmd_vm_exec)
+
+    m = sub.add_parser("man", help="print a man page (roff) generated from the parsers",
+                       description="Print the man page of ipvs-synproxy or ipvsadm-sp, "
+                                   "generated from their parsers (the Debian package "
+                                   "installs these). Read one with: ipvs-synproxy man "
+                                   "ipvsadm-sp | man -l -")
+    m.add_argument("page", choices=("ipvs-synproxy", "ipvsadm-sp"))
+    m.set_defaults(func=_cmd_man)
+    c = sub.add_parser("completion", help="print a shell completion script",
+                       description="Print bash completion for ipvs-synproxy and ipvsadm-sp "
+                                   "(source it, or install it as "
+                                   "/usr/share/bash-completion/completions/ipvs-synproxy).")
+    c.add_argument("shell", choices=("bash",))
+    c.set_defaults(func=_cmd_completion)
 
     cli_config.register(sub)  # diff, apply, stats, sysctl
     cli_keepalived.register(sub)  # keepalived render, build
