@@ -12,7 +12,7 @@ export IPVS_SYNPROXY_INSTALL_DEPS := 1
 # Guest test run: a hard limit well under CI's budget.
 VM_TIMEOUT ?= 2700
 
-.PHONY: all venv deps check unit testbed-test vm-test test demo bench kmod clean
+.PHONY: all venv deps check unit testbed-test vm-test test demo bench kmod deb clean
 
 all: test
 
@@ -31,6 +31,13 @@ deps: venv
 
 kmod: deps
 	$(SP) kmod build
+
+# Debian packages (ipvs-synproxy, ipvs-synproxy-dkms, toa-dkms, keepalived-synproxy)
+# in $(DEB_DIR), built by dpkg-buildpackage from a copy of the checkout's files.
+DEB_DIR := build/deb
+deb: deps
+	rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/src
+	$(PY) -m ipvs_synproxy_testbed.debs $(DEB_DIR)
 
 # Static checks: Python lint and types, and checkpatch over the kernel series.
 check: deps

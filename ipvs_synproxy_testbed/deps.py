@@ -16,6 +16,8 @@ from ipvs_synproxy_testbed import vm
 # Used only by tests: the initramfs (cpio), the console's browser test, the DKMS install,
 # the generated man pages (groff checks them).
 TEST_DEBS = ["cpio", "chromium", "chromium-driver", "dkms", "groff-base"]
+# make deb: Debian's own packaging tools.
+DEB_DEBS = ["dpkg-dev", "debhelper", "dh-dkms"]
 
 
 def project_debs() -> list[str]:
@@ -24,7 +26,7 @@ def project_debs() -> list[str]:
     guest suite can run on each."""
     kernels = {deb for series in kmod.served_series() for deb in kmod.build_debs(series)}
     return sorted(kernels | set(kmod.BUILD_DEBS) | set(vm.GUEST_DEBS)
-                  | set(keepalived_build.BUILD_DEBS) | set(TEST_DEBS))
+                  | set(keepalived_build.BUILD_DEBS) | set(TEST_DEBS) | set(DEB_DEBS))
 
 
 def main() -> int:

@@ -29,12 +29,14 @@ TARBALL = f"keepalived_{VERSION}.orig.tar.gz"
 TARBALL_URL = f"https://deb.debian.org/debian/pool/main/k/keepalived/{TARBALL}"
 TARBALL_SHA256 = "c61940d874154a560a54627ecf7ef47adebdf832164368d10bf242a4d9b7d49d"
 BUILD_DEBS = ["gcc", "make", "patch", "pkg-config", "libssl-dev", "libnl-3-dev",
-              "libnl-genl-3-dev", "ca-certificates"]
-CONFIGURE_ARGS = ("--disable-iptables", "--disable-nftables", "--disable-systemd",
+              "libnl-genl-3-dev", "libsystemd-dev", "ca-certificates"]
+# With systemd support (sd_notify), so that a Type=notify unit like Debian's
+# works; keepalived run by hand or by the testbed does not need systemd.
+CONFIGURE_ARGS = ("--disable-iptables", "--disable-nftables", "--with-init=systemd",
                   "--disable-track-process", "--disable-dbus", "--disable-snmp",
                   "--disable-bfd")
 # Bump when the way keepalived is built changes, to invalidate caches.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "3"
 
 
 class KeepalivedBuildError(RuntimeError):

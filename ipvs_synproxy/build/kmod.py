@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -526,6 +527,47 @@ def export_tree(dest: Path, version: str, series: str | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def export_all(dest: Path, version: str, series: Sequence[str] | None = None) -> Path:
+    """One DKMS source tree for several kernel series (default: every
+    supported one apt serves), as a distribution package ships it: each
+    series' tree under ``linux-<series>/`` and a dkms.conf that picks the tree
+    by the kernel's version and refuses every other series."""
+    chosen = [check_series(s) for s in (series or served_series())]
+    if not chosen:
+        raise KmodError("no kernel series to export (apt serves none of "
+                        f"{', '.join(SUPPORTED_SERIES)})")
+    if dest.exists() and any(dest.iterdir()):
+        raise KmodError(f"{dest} exists and is not empty")
+    dest.mkdir(parents=True, exist_ok=True)
+    branches = []
+    for s in chosen:
+        sub = export_tree(dest / f"linux-{s}", version, s)
+        modules = [ln for ln in (sub / "dkms.conf").read_text().splitlines()
+                   if ln.startswith(("BUILT_MODULE_", "DEST_MODULE_"))]
+        located = [ln.replace(f'="{_IPVS_DIR}/"', f'="linux-{s}/{_IPVS_DIR}/"')
+                   for ln in modules]
+        branches.append((s, located))
+    (dest / "dkms.conf").write_text(_multi_dkms_conf(version, branches))
+    return dest
+
+
+def _multi_dkms_conf(version: str, branches: list[tuple[str, list[str]]]) -> str:
+    """dkms.conf is shell that DKMS sources with $kernelver set."""
+    regex = "^(" + "|".join(s.replace(".", r"\.") for s, _ in branches) + r")\."
+    lines = ["# DKMS configuration of ipvs-synproxy for several kernel series: the tree",
+             "# under linux-<series>/ that matches the kernel is built; other series are",
+             "# refused (BUILD_EXCLUSIVE_KERNEL). Written by ipvs-synproxy kmod dkms-tree.",
+             'PACKAGE_NAME="ipvs-synproxy"', f'PACKAGE_VERSION="{version}"',
+             'AUTOINSTALL="yes"', f'BUILD_EXCLUSIVE_KERNEL="{regex}"',
+             f'SERIES="{branches[-1][0]}"', 'case "${kernelver}" in']
+    lines += [f'    {s}.*) SERIES="{s}" ;;' for s, _ in branches]
+    lines += ["esac", 'MAKE[0]="make -C linux-${SERIES} KVER=${kernelver}"',
+              'CLEAN="make -C linux-${SERIES} KVER=${kernelver} clean"']
+    for s, located in branches:
+        lines += [f'if [ "$SERIES" = "{s}" ]; then', *(f"    {ln}" for ln in located), "fi"]
+    return "\n".join(lines) + "\n"
 
 
 def checkpatch(patches: list[Path] | None = None,

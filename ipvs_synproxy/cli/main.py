@@ -47,7 +47,15 @@ def _cmd_kmod_checkpatch(args: argparse.Namespace) -> int:
 def _cmd_kmod_dkms_tree(args: argparse.Namespace) -> int:
     from importlib.metadata import version
 
-    dest = kmod.export_tree(Path(args.dest).resolve(), version("ipvs-synproxy"), args.kernel)
+    if args.all_series:
+        if args.kernel:
+            print("ipvs-synproxy: kmod dkms-tree: --all-series or --kernel, not both",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        dest = kmod.export_all(Path(args.dest).resolve(), version("ipvs-synproxy"))
+    else:
+        dest = kmod.export_tree(Path(args.dest).resolve(), version("ipvs-synproxy"),
+                                args.kernel)
     print(f"patched source tree with dkms.conf in {dest}\n"
           f"next: dkms add {dest} && dkms install ipvs-synproxy/{version('ipvs-synproxy')}")
     return 0
@@ -161,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(for /usr/src/ipvs-synproxy-VERSION)")
     t.add_argument("dest", help="directory to create (must be absent or empty)")
     _kernel_option(t, "the patches")
+    t.add_argument("--all-series", action="store_true",
+                   help="one tree for every supported series apt serves (each under "
+                        "linux-SERIES/, dkms.conf picks by the kernel's version): what the "
+                        "ipvs-synproxy-dkms package ships")
     t.set_defaults(func=_cmd_kmod_dkms_tree)
 
     v = sub.add_parser("vm", help="the QEMU testbed guest")

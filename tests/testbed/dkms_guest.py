@@ -1,10 +1,12 @@
-"""Guest side of the DKMS test: after ``dkms install`` and ``modprobe ip_vs``,
-a SYN-proxy FULLNAT service in ``lb`` serves a client in ``client``.
+"""Guest side of the package test: once the packages are installed and the
+apply unit's command has set up a SYN-proxy FULLNAT service on VIP4:80 in
+``lb`` (from /etc/ipvs-synproxy/ipvs.yaml), it serves a client in ``client``.
 
 Run in the guest (``vm exec --topology -- python -m tests.testbed.dkms_guest``):
-prints ``served by <name> (saw <addr>)`` for each of a few requests, and
-the SYN proxy's ``synproxy_cookie_sent`` and
-``synproxy_conn_proxied`` counters; exits non-zero if a request fails.
+starts the real servers, prints ``served by <name> (saw <addr>)`` for each of
+a few requests, and the SYN proxy's ``synproxy_cookie_sent`` and
+``synproxy_conn_proxied`` counters; exits non-zero if a request fails. It
+adds nothing to the table: what serves is what the package's command applied.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import sys
 
-from ipvs_synproxy.kernel.model import Dest, FwdMethod, Service
+from ipvs_synproxy.kernel.model import Service
 from ipvs_synproxy.kernel.netlink import IPVS
 from ipvs_synproxy_testbed import peers, topology
 
@@ -22,15 +24,12 @@ IP = ipaddress.ip_address
 def main() -> int:
     servers = [peers.start_http_server(name, topology.RS4[name], 80, name=name)
                for name in ("rs1", "rs2")]
-    svc = Service(addr=IP(topology.VIP4), port=80, scheduler="rr", synproxy=True)
     try:
         with IPVS("lb") as ipvs:
-            ipvs.flush()
-            ipvs.add_service(svc)
-            ipvs.add_laddr(svc, IP(topology.LADDRS4[0]))
-            for name in ("rs1", "rs2"):
-                ipvs.add_dest(svc, Dest(addr=IP(topology.RS4[name]), port=80,
-                                        fwd=FwdMethod.FULLNAT, weight=1))
+            svc = ipvs.service(Service(addr=IP(topology.VIP4), port=80))
+            print(f"service {svc} synproxy={svc.synproxy} "
+                  f"dests={sorted(str(d.addr) for d in ipvs.dests(svc))} "
+                  f"fwd={sorted({d.fwd.name for d in ipvs.dests(svc)})}")
             for _ in range(4):
                 reply = peers.http_get(topology.VIP4, 80)
                 print(f"served by {reply.server} (saw {reply.peer})")

@@ -1,18 +1,31 @@
-"""A DKMS install, per supported kernel series: Debian's dkms adds and builds
-the exported tree on the host, installs it inside the guest, ``modprobe ip_vs``
-then loads this project's modules (every one of them, not the distribution's),
-and a SYN-proxy FULLNAT service serves a client with them. Before the install,
-the same boot shows that ``vm exec --modules stock`` gives the distribution's
-own modules (the testbed contract: one guest boot costs most of a minute, so
-the check shares this one), and that the distribution's IPVS as the backup
-of a pair takes the sync messages our master sends (tests/testbed/stock_backup.py).
+"""The Debian packages, per supported kernel series: ``make deb``'s packages
+(built here by the same code, from the checkout's files) install with
+``dpkg -i`` in the guest, whose root is an overlay of the host's. Debian's
+dkms, run by ipvs-synproxy-dkms's and toa-dkms's own postinst, installs the
+modules for the running kernel; ``modprobe ip_vs`` then loads this project's
+modules (every one of them, not the distribution's); the command of
+ipvs-synproxy-apply.service, run as systemd would run it but without systemd,
+sets up a SYN-proxy FULLNAT service and its sysctls from
+/etc/ipvs-synproxy/ipvs.yaml in ``lb``, and a client is served. Before the
+install, the same boot shows that ``vm exec --modules stock`` gives the
+distribution's own modules (the testbed contract: one guest boot costs most of
+a minute, so the check shares this one), and that the distribution's IPVS as
+the backup of a pair takes the sync messages our master sends
+(tests/testbed/stock_backup.py).
 
-Why the build runs on the host: the guest's root is the host's (same dkms, gcc
+Why DKMS compiles on the host: the guest's root is the host's (same dkms, gcc
 and headers), and a TCG guest compiles some fifteen times slower than the
-host, eight minutes a series. DKMS's build does not depend on the running
-kernel; its install (version check, depmod) and the load do, and run in the
-guest. The build's only mark on the host, the MOK key DKMS makes to sign the
-modules, stays in a private mount of /var/lib/dkms."""
+host, eight minutes a series. So ``dkms build`` runs here, for the series
+under test, from the package's own /usr/src tree (unpacked in a temporary
+directory), with /var/lib/dkms on a tmpfs of a private mount namespace
+(nothing lands on the host, not even the MOK key DKMS makes). ``dkms
+mktarball`` packs source and modules, and the tarball goes where a DKMS
+package's postinst looks for prebuilt modules
+(/usr/share/PACKAGE/NAME-VERSION.dkms.tar.gz, DKMS's own binary-module
+route): the postinst loads it instead of building, then installs the
+modules. The guest has the headers of the running kernel only, as a balancer
+would (the other series' are hidden), so the postinst does not build for the
+newest installed kernel too."""
 
 from __future__ import annotations
 
@@ -25,38 +38,77 @@ from pathlib import Path
 import pytest
 
 from ipvs_synproxy.build import apt, kmod
+from ipvs_synproxy_testbed import debs as deb_build
+from ipvs_synproxy_testbed import topology
 
-VERSION = "0.0+dkmstest"
-PACKAGE = f"ipvs-synproxy/{VERSION}"
+VERSION = "0.1.0"
+CONFIG = f"""\
+sysctl:
+  fullnat_lport_min: 2048
+services:
+  - vip: {topology.VIP4}:80
+    scheduler: rr
+    synproxy: true
+    forward: fullnat
+    laddrs: [{topology.LADDRS4[0]}]
+    real_servers:
+      - {{addr: {topology.RS4["rs1"]}}}
+      - {{addr: {topology.RS4["rs2"]}}}
+"""
 
 
-def dkms_build(dkms_opts: list[str], kernel: str) -> None:
-    """``dkms add`` and ``dkms build`` of this project's tree in the source
-    tree ``dkms_opts`` name, for ``kernel``, on the host, /var/lib/dkms private."""
-    script = (f'mount -t tmpfs dkms-test /var/lib/dkms && dkms add "$@" -m {PACKAGE} && '
-              f'dkms build "$@" -m {PACKAGE} -k {shlex.quote(kernel)}')
+def prebuild(deb_dir: Path, out: Path, kernel: str) -> None:
+    """``dkms add``, ``dkms build`` and ``dkms mktarball`` of both DKMS
+    packages' trees for ``kernel``, /var/lib/dkms private: ``out/PKG/`` gets
+    the DKMS tarball (source and built modules) that a package's postinst loads
+    instead of building when it finds it in /usr/share/PKG/."""
+    dkms_debs = " ".join(shlex.quote(str(p)) for p in sorted(deb_dir.glob("*-dkms_*.deb")))
+    k = shlex.quote(kernel)
+    script = f"""set -e
+mount -t tmpfs dkms-test /var/lib/dkms
+root=$(mktemp -d)
+for d in {dkms_debs}; do dpkg-deb -x "$d" "$root"; done
+for m in ipvs-synproxy toa; do
+    dkms add --sourcetree "$root/usr/src" -m $m -v {VERSION}
+    dkms build --sourcetree "$root/usr/src" -m $m -v {VERSION} -k {k}
+    dkms mktarball --sourcetree "$root/usr/src" -m $m -v {VERSION} -k {k}
+    mkdir -p {shlex.quote(str(out))}/$m-dkms
+    cp /var/lib/dkms/$m/{VERSION}/tarball/*.dkms.tar.gz \
+        {shlex.quote(str(out))}/$m-dkms/$m-{VERSION}.dkms.tar.gz
+done
+rm -rf "$root"
+"""
+    out.mkdir(parents=True, exist_ok=True)
     res = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                          script, "dkms-build", *dkms_opts],
-                         capture_output=True, text=True, timeout=900, check=False)
+                          script], capture_output=True, text=True, timeout=900, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
 @pytest.mark.parametrize("series", kmod.SUPPORTED_SERIES)
 def test_a_dkms_install_in_the_guest_loads_our_modules_and_serves(
         tmp_path: Path, series: str) -> None:
-    apt.ensure_debs(["dkms"])
+    apt.ensure_debs(["dkms", "dpkg-dev", "debhelper", "dh-dkms", "python3-yaml",
+                     "python3-jinja2", "python3-markupsafe"])
     kernel = kmod.ensure_toolchain(series)
-    source_tree = tmp_path / "src"
-    dkms_opts = ["--dkmstree", str(tmp_path / "dkms"), "--sourcetree", str(source_tree)]
-    source_tree.mkdir()
-    (tmp_path / "dkms").mkdir()
-    tree = kmod.export_tree(source_tree / f"ipvs-synproxy-{VERSION}", VERSION, series)
-    conf = (tree / "dkms.conf").read_text()
-    assert f'BUILD_EXCLUSIVE_KERNEL="{kmod.dkms_exclusive(series)}"' in conf
-    modules = re.findall(r'^BUILT_MODULE_NAME\[\d+\]="(\w+)"$', conf, re.M)
-    dkms_build(dkms_opts, kernel.version)
+    debs = deb_build.build(tmp_path / "debs")
+    names = {d.name.split("_")[0]: d for d in debs}
+    assert set(deb_build.PACKAGES) <= set(names), names
+    for field, want in (("Conflicts", "keepalived"), ("Provides", "keepalived")):
+        got = subprocess.run(["dpkg-deb", "-f", str(names["keepalived-synproxy"]), field],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert got == want, (field, got)
+    prebuilt = tmp_path / "prebuilt"
+    prebuild(tmp_path / "debs", prebuilt, kernel.version)
+    tree = tmp_path / "tree"
+    subprocess.run(["dpkg-deb", "-x", str(names["ipvs-synproxy-dkms"]), str(tree)], check=True)
+    conf = (tree / f"usr/src/ipvs-synproxy-{VERSION}/dkms.conf").read_text()
+    assert f'    {series}.*) SERIES="{series}" ;;' in conf, conf
+    branch = conf.split(f'if [ "$SERIES" = "{series}" ]; then\n')[1].split("\nfi\n")[0]
+    modules = re.findall(r'BUILT_MODULE_NAME\[\d+\]="(\w+)"', branch)
+    config = tmp_path / "ipvs.yaml"
+    config.write_text(CONFIG)
+    install = " ".join(shlex.quote(str(names[p])) for p in deb_build.PACKAGES)
     k = shlex.quote(kernel.version)
-    opts = " ".join(shlex.quote(o) for o in dkms_opts)
     script = f"""
 set -e
 modprobe ip_vs_wlc
@@ -64,20 +116,44 @@ echo "stock: $(modinfo -n ip_vs) $(modinfo -n ip_vs_wlc) taint=$(cat /sys/module
 $(cat /sys/module/ip_vs_wlc/taint)"
 python -m tests.testbed.stock_backup
 modprobe -r ip_vs_rr ip_vs_wlc ip_vs
-dkms install {opts} -m {PACKAGE} -k {k}
-dkms status {opts} -m {PACKAGE} -k {k} | sed 's/^/status: /'
-for m in {" ".join(modules)}; do echo "module: $m $(modinfo -n $m) $(modinfo -F version $m)"; done
-modprobe ip_vs
+for d in /lib/modules/*/build; do
+    [ "$d" = /lib/modules/{k}/build ] || mount -t tmpfs hidden "$d"
+done
+cp -a {shlex.quote(str(prebuilt))}/. /usr/share/
+rm -f /var/lib/man-db/auto-update     # man-db's index: minutes under TCG, not the test
+export DEBIAN_FRONTEND=noninteractive
+dpkg -i {install} > /tmp/dpkg.log 2>&1 || {{ sed 's/^/dpkg: /' /tmp/dpkg.log; exit 1; }}
+sed 's/^/dpkg: /' /tmp/dpkg.log
+dkms status -m ipvs-synproxy -k {k} | sed 's/^/status: /'
+dkms status -m toa -k {k} | sed 's/^/status: /'
+for m in {" ".join(modules)} toa; do
+    echo "module: $m $(modinfo -n $m) $(modinfo -F version $m)"
+done
+echo "version: $(/usr/sbin/ipvs-synproxy --version)"
+echo "keepalived: $(/usr/sbin/keepalived --version 2>&1 | grep -o 'INIT=systemd SYSTEMD_NOTIFY')"
+/usr/sbin/ipvs-synproxy check /etc/nonexistent.yaml > /tmp/check.log 2>&1 || \
+    echo "check-missing: $?"
+mkdir -p /etc/ipvs-synproxy
+cp {shlex.quote(str(config))} /etc/ipvs-synproxy/ipvs.yaml
+unit=/lib/systemd/system/ipvs-synproxy-apply.service
+pre=$(sed -n 's/^ExecStartPre=//p' $unit)
+cmd=$(sed -n 's/^ExecStart=//p' $unit)
+echo "unit: $cmd"
+ip netns exec lb $pre
+ip netns exec lb $cmd > /tmp/apply.log 2>&1 || {{ sed 's/^/apply: /' /tmp/apply.log; exit 1; }}
+sed 's/^/apply: /' /tmp/apply.log
 echo "modinfo: $(modinfo -n ip_vs) taint=$(cat /sys/module/ip_vs/taint)"
+echo "lport_min: $(ip netns exec lb cat /proc/sys/net/ipv4/vs/fullnat_lport_min)"
+ip netns exec lb /usr/sbin/ipvsadm-sp -S -n | sed 's/^/table: /'
 python -m tests.testbed.dkms_guest
 """
     # One vCPU: the install is a shell script, and two guests of two vCPUs each
     # on two cores wait for each other's vCPUs (TCG) instead of running side by side.
     res = subprocess.run(
         [sys.executable, "-m", "ipvs_synproxy.cli", "vm", "exec", "--kernel", series,
-         "--modules", "stock", "--topology", "--cpus", "1", "--timeout", "900", "--",
+         "--modules", "stock", "--topology", "--cpus", "1", "--timeout", "1200", "--",
          "sh", "-c", script],
-        capture_output=True, text=True, timeout=1200, check=False)
+        capture_output=True, text=True, timeout=1500, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     # Before the install, `vm exec --modules stock` booted the distribution's
     # signed modules (no taint), the kernel's request for a scheduler too.
@@ -91,20 +167,34 @@ python -m tests.testbed.dkms_guest
     held = dict(re.findall(r"^stock-backup: (\d+) (\S+)$", res.stdout, re.M))
     assert held.get("42000") == held.get("42002") == "ESTABLISHED", res.stdout
     assert "stock-backup-complaint" not in res.stdout, res.stdout
-    assert re.search(rf"^status: ipvs-synproxy/{re.escape(VERSION)}, "
-                     rf"{re.escape(kernel.version)}, x86_64: installed$", res.stdout, re.M), \
-        res.stdout
+    for module in ("ipvs-synproxy", "toa"):
+        assert re.search(rf"^status: {module}/{re.escape(VERSION)}, "
+                         rf"{re.escape(kernel.version)}, x86_64: installed$", res.stdout,
+                         re.M), res.stdout
+    assert re.search(r"^version: ipvs-synproxy 0\.1\.0 ", res.stdout, re.M), res.stdout
+    # keepalived-synproxy talks to systemd (its unit is Type=notify)
+    assert re.search(r"^keepalived: INIT=systemd SYSTEMD_NOTIFY$", res.stdout, re.M), res.stdout
+    assert re.search(r"^check-missing: 2$", res.stdout, re.M), res.stdout
+    assert "unit: /usr/sbin/ipvs-synproxy apply /etc/ipvs-synproxy/ipvs.yaml" in res.stdout
+    assert re.search(r"^apply: applied$", res.stdout, re.M), res.stdout
+    assert re.search(r"^lport_min: 2048$", res.stdout, re.M), res.stdout
+    table = re.findall(r"^table: (.*)$", res.stdout, re.M)
+    assert f"-A -t {topology.VIP4}:80 -s rr --synproxy" in table, table
+    assert f"--laddr-add {topology.LADDRS4[0]} -t {topology.VIP4}:80" in table, table
     # DKMS installed every module over the kernel's (it keeps the kernel's
     # copy of a module whose version equals it), each with our version.
-    installed = re.findall(r"^module: (\w+) (\S+) (\S+)$", res.stdout, re.M)
-    assert [m for m, _, _ in installed] == modules, res.stdout
+    installed = re.findall(r"^module: (\w+) (\S+) ?(\S*)$", res.stdout, re.M)
+    assert [m for m, _, _ in installed] == [*modules, "toa"], res.stdout
     for name, path, version in installed:
         assert path.startswith(f"/lib/modules/{kernel.version}/updates/dkms/{name}.ko"), path
-        assert version == "1.2.1-synproxy", (name, version)
+        if name != "toa":
+            assert version == "1.2.1-synproxy", (name, version)
     where = re.search(r"^modinfo: (\S+) taint=(\S*)$", res.stdout, re.M)
     assert where, res.stdout
     assert f"/lib/modules/{kernel.version}/updates/dkms/ip_vs.ko" in where.group(1)
     assert "O" in where.group(2)  # out of tree: ours, not the distribution's
+    assert re.search(r"^service .* synproxy=True dests=\['192.0.2.11', '192.0.2.12'\] "
+                     r"fwd=\['FULLNAT'\]$", res.stdout, re.M), res.stdout
     served = re.findall(r"^served by (rs[12]) \(saw (\S+)\)$", res.stdout, re.M)
     assert len(served) == 4 and {s for s, _ in served} == {"rs1", "rs2"}, res.stdout
     counters = dict(re.findall(r"^(synproxy_\w+) (\d+)$", res.stdout, re.M))

@@ -1,12 +1,11 @@
-"""A plain, non-editable install works (docs/operator-guide.md §1).
+"""A plain, non-editable install works (docs/operator-guide.md §1.0.1).
 
-A wheel built from the checkout's files (tracked, or new and not ignored: what a
-clean clone of the next commit holds) is
-installed with ``pip install --target`` and run from another directory, with
-this interpreter's dependencies but none of the checkout's code: it renders
-keepalived.conf, exports the DKMS tree for each supported kernel series and the
-modules build from that tree. Nothing is written into the installed package or
-the current directory.
+A wheel built from the checkout's files (tracked, or new and not ignored: what
+a clean clone of the next commit holds) is installed with pip into a fresh
+virtualenv, its dependencies from the package index as an operator's would
+be, and run from another directory: it renders keepalived.conf, exports the
+DKMS tree of each supported kernel series and the modules build from that
+tree. Nothing is written into the virtualenv or the current directory.
 """
 
 from __future__ import annotations
@@ -28,17 +27,17 @@ EXAMPLE = ROOT / "tests/unit/data/keepalived/example.yaml"
 
 @dataclass(frozen=True)
 class Installed:
-    target: Path
+    target: Path    # the virtualenv
     cwd: Path
 
     def run(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         # The build cache is the checkout's, so that the kernel source is not
         # extracted again; where an installed copy caches by default is
         # tests/unit/test_paths.py's concern.
-        env = {**os.environ, "PYTHONPATH": str(self.target),
-               "IPVS_SYNPROXY_BUILD": str(paths.build_dir())}
-        env.pop("IPVS_SYNPROXY_ROOT", None)
-        return subprocess.run([sys.executable, str(self.target / "bin/ipvs-synproxy"), *args],
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("IPVS_SYNPROXY_ROOT", "PYTHONPATH", "VIRTUAL_ENV")}
+        env["IPVS_SYNPROXY_BUILD"] = str(paths.build_dir())
+        return subprocess.run([str(self.target / "bin/ipvs-synproxy"), *args],
                               cwd=self.cwd, env=env, capture_output=True, text=True,
                               timeout=timeout, check=False)
 
@@ -58,12 +57,14 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
         if (ROOT / name).is_file():
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, src / name)
-    pip = [sys.executable, "-m", "pip", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist),
-                    str(src)], check=True, capture_output=True, timeout=300)
-    wheel = next(dist.glob("ipvs_synproxy-*.whl"))
-    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)],
+    subprocess.run([sys.executable, "-m", "pip", "-q", "wheel", "--no-deps",
+                    "--no-build-isolation", "-w", str(dist), str(src)],
                    check=True, capture_output=True, timeout=300)
+    wheel = next(dist.glob("ipvs_synproxy-*.whl"))
+    subprocess.run(["python3", "-m", "venv", str(target)], check=True, capture_output=True,
+                   timeout=300)
+    subprocess.run([str(target / "bin/pip"), "-q", "install", str(wheel)], check=True,
+                   capture_output=True, timeout=600)
     cwd.mkdir()
     return Installed(target, cwd)
 
@@ -73,9 +74,9 @@ def test_the_installed_copy_runs_from_its_own_files(installed: Installed) -> Non
     assert res.returncode == 0 and res.stdout.startswith("ipvs-synproxy "), res
     code = ("import ipvs_synproxy, webui; from ipvs_synproxy.build import paths; "
             "print(ipvs_synproxy.__file__, webui.__file__, paths.data_root())")
-    env = {**os.environ, "PYTHONPATH": str(installed.target)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=installed.cwd, env=env,
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run([str(installed.target / "bin/python"), "-c", code],
+                         cwd=installed.cwd, capture_output=True, text=True,
+                         check=True).stdout.split()
     assert all(p.startswith(str(installed.target)) for p in out), out
 
 

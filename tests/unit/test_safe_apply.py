@@ -388,3 +388,19 @@ def test_the_published_schema_is_current_and_accepts_every_example() -> None:
 def test_check_schema_prints_it(capsys: pytest.CaptureFixture[str]) -> None:
     assert _run("check", "--schema") == 0
     assert json.loads(capsys.readouterr().out)["title"].startswith("ipvs-synproxy config")
+
+
+def test_every_applied_change_goes_to_syslog(kernel: FakeKernel, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    logged: list[tuple[int, str]] = []
+    monkeypatch.setattr(guard.syslog, "syslog", lambda prio, msg: logged.append((prio, msg)))
+    f = tmp_path / "lb.yaml"
+    f.write_text(_yaml([80, 81, 82, 83, 84]))   # adds :84, deletes :443
+    assert _run("apply", str(f)) == 0
+    assert logged, "nothing logged"
+    assert all(m.startswith(f"apply {f}: ") for _, m in logged), logged
+    assert any("198.51.100.10:84" in m for _, m in logged), logged
+    assert any("198.51.100.10:443" in m for _, m in logged), logged   # its deletion
+    logged.clear()
+    assert _run("apply", str(f)) == 0                   # no change, no line
+    assert logged == []

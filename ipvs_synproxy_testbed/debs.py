@@ -1,0 +1,73 @@
+"""``make deb``: the Debian packages, built by Debian's own tooling.
+
+Copies the checkout's files (tracked, or new and not ignored: what a clean
+clone of the next commit holds) to ``DIR/src`` and runs ``dpkg-buildpackage``
+there, with the project's virtualenv as the build's Python (its pip fetches
+the private libraries from PyPI) and the checkout's build cache (kernel
+sources, keepalived). The packages land in DIR.
+Usage: ``python -m ipvs_synproxy_testbed.debs DIR``
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ipvs_synproxy.build import paths
+
+PACKAGES = ("ipvs-synproxy", "ipvs-synproxy-dkms", "toa-dkms", "keepalived-synproxy")
+
+
+def copy_checkout(dest: Path) -> None:
+    root = paths.project_root()
+    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                            "--exclude-standard"], cwd=root, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for name in filter(None, names):
+        src = root / name
+        if src.is_file() or src.is_symlink():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name, follow_symlinks=False)
+
+
+def build(out: Path) -> list[Path]:
+    """Build the packages into ``out``; their paths."""
+    src = out / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    copy_checkout(src)
+    env = {**os.environ, "PYTHON": sys.executable,
+           "IPVS_SYNPROXY_BUILD": str(paths.build_dir())}
+    res = subprocess.run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src, env=env,
+                         capture_output=True, text=True, check=False)
+    (out / "build.log").write_text(res.stdout + res.stderr)
+    if res.returncode != 0:
+        raise RuntimeError(f"dpkg-buildpackage failed ({res.returncode}); the end of "
+                           f"{out / 'build.log'}:\n" + "\n".join(
+                               (res.stdout + res.stderr).splitlines()[-40:]))
+    debs = sorted(out.glob("*.deb"))
+    missing = [p for p in PACKAGES if not any(d.name.startswith(f"{p}_") for d in debs)]
+    if missing:
+        raise RuntimeError(f"dpkg-buildpackage made no package {missing}")
+    return debs
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        debs = build(Path(argv[1]).resolve())
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"make deb: {exc}", file=sys.stderr)
+        return 1
+    for d in debs:
+        print(d)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
