@@ -16,8 +16,10 @@ from ipvs_synproxy_testbed import vm
 # Used only by tests: the initramfs (cpio), the console's browser test, the DKMS install,
 # the generated man pages (groff checks them).
 TEST_DEBS = ["cpio", "chromium", "chromium-driver", "dkms", "groff-base"]
-# make deb: Debian's own packaging tools.
-DEB_DEBS = ["dpkg-dev", "debhelper", "dh-dkms"]
+# make deb: Debian's own packaging tools; and what the ipvs-synproxy package
+# depends on, for the guest that installs it (its root is the host's).
+DEB_DEBS = ["dpkg-dev", "debhelper", "dh-dkms", "python3-yaml", "python3-jinja2",
+            "python3-markupsafe"]
 
 
 def project_debs() -> list[str]:

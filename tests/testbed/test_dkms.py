@@ -39,7 +39,7 @@ import pytest
 
 from ipvs_synproxy.build import apt, kmod
 from ipvs_synproxy_testbed import debs as deb_build
-from ipvs_synproxy_testbed import topology
+from ipvs_synproxy_testbed import deps, topology
 
 VERSION = "0.1.0"
 CONFIG = f"""\
@@ -87,8 +87,7 @@ rm -rf "$root"
 @pytest.mark.parametrize("series", kmod.SUPPORTED_SERIES)
 def test_a_dkms_install_in_the_guest_loads_our_modules_and_serves(
         tmp_path: Path, series: str) -> None:
-    apt.ensure_debs(["dkms", "dpkg-dev", "debhelper", "dh-dkms", "python3-yaml",
-                     "python3-jinja2", "python3-markupsafe"])
+    apt.ensure_debs(["dkms", *deps.DEB_DEBS])
     kernel = kmod.ensure_toolchain(series)
     debs = deb_build.build(tmp_path / "debs")
     names = {d.name.split("_")[0]: d for d in debs}
