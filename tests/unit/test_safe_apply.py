@@ -404,3 +404,22 @@ def test_every_applied_change_goes_to_syslog(kernel: FakeKernel, tmp_path: Path,
     logged.clear()
     assert _run("apply", str(f)) == 0                   # no change, no line
     assert logged == []
+
+
+@pytest.mark.parametrize(("forward", "laddrs", "why"), [
+    ("dr", "", "a SYN-proxy service needs NAT (-m) or FULLNAT"),
+    ("fullnat", "", "needs the service's local addresses: add 'laddrs'"),
+])
+def test_render_refuses_what_the_kernel_would_refuse(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], forward: str, laddrs: str,
+        why: str) -> None:
+    f, out = tmp_path / "lb.yaml", tmp_path / "keepalived.conf"
+    f.write_text(f"services:\n  - vip: {VIP}:80\n    synproxy: true\n"
+                 f"    forward: {forward}\n{laddrs}"
+                 "    real_servers:\n      - {addr: 192.0.2.11}\n")
+    assert _run("keepalived", "render", str(f), "-o", str(out)) == 2
+    err = capsys.readouterr().err
+    assert why in err and "nothing was rendered" in err and not out.exists()
+    f.write_text(f.read_text().replace("    real_servers:", "    laddrs: [192.0.2.100]\n"
+                                       "    real_servers:"))
+    assert (_run("keepalived", "render", str(f), "-o", str(out)) == 0) == (forward == "fullnat")
