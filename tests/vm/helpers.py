@@ -131,6 +131,18 @@ CLIENT_MAC = "02:00:00:00:01:02"
 LB_MAC = "02:00:00:00:01:01"
 
 
+@contextmanager
+def netem(ns: str, dev: str, *spec: str) -> Iterator[None]:
+    """tc netem on ``dev`` of ``ns`` for the block: ``("loss", "3%")``,
+    ``("delay", "50ms")``; every frame out of dev meets it."""
+    subprocess.run(["modprobe", "sch_netem"], check=True)
+    netns.run(ns, ["tc", "qdisc", "add", "dev", dev, "root", "netem", *spec])
+    try:
+        yield
+    finally:
+        netns.run(ns, ["tc", "qdisc", "del", "dev", dev, "root"], check=False)
+
+
 def send_frames(frames: list[bytes], ns: str = "client", dev: str = "eth0") -> None:
     with netns.netns(ns):
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)

@@ -18,7 +18,7 @@ import struct
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -46,6 +46,7 @@ from tests.vm.helpers import (
     eth_frame,
     ext_stats_file,
     lb_sysctls,
+    netem,
     ns_sysctls,
     options_of,
     read_synacks,
@@ -523,14 +524,8 @@ def _transfer_or_explain(net: Net, port: int, direction: str, synproxy: bool,
 # ---- SACK under loss ----------------------------------------------------------------------
 
 
-@contextmanager
-def netem_loss(ns: str, dev: str, percent: float) -> Iterator[None]:
-    subprocess.run(["modprobe", "sch_netem"], check=True)
-    netns.run(ns, ["tc", "qdisc", "add", "dev", dev, "root", "netem", "loss", f"{percent}%"])
-    try:
-        yield
-    finally:
-        netns.run(ns, ["tc", "qdisc", "del", "dev", dev, "root"], check=False)
+def netem_loss(ns: str, dev: str, percent: float) -> AbstractContextManager[None]:
+    return netem(ns, dev, "loss", f"{percent}%")
 
 
 def _sack_blocks(opts: bytes) -> list[tuple[int, int]]:

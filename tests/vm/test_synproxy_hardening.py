@@ -46,6 +46,7 @@ from tests.vm.helpers import (
     ext_stats_file,
     kernel_complaints,
     lb_sysctls,
+    netem,
     nft,
     ns_sysctls,
     read_synacks,
@@ -796,7 +797,8 @@ def test_a_burst_of_duplicate_acks_after_a_burst_of_data_is_not_a_storm(
                           src=ip.dst, dst=ip.src, macs=(ether.dst, ether.src))
                 for i in range(count)]
         before = ext_stats_file()
-        with _delay("lb", "eth0", 50), lb_sysctls(synproxy_ack_storm=10):
+        # a round trip between lb and the client: the segments all pass lb first
+        with netem("lb", "eth0", "delay", "50ms"), lb_sysctls(synproxy_ack_storm=10):
             send_frames(data, ns="rs1")
             assert wait_for(lambda: len(_dupacks(at_rs.frames, port, seg)) >= count
                             or delta(before, "synproxy_ack_storm") > 0, 10)
@@ -828,17 +830,6 @@ def _dupacks(frames: list[bytes], port: int, hello: Any) -> list[Any]:
     return [p for p in tcp_segments(frames, port)
             if p.flags == "A" and not bytes(p.payload) and p.seq == end
             and p.ack == hello.ack]
-
-
-@contextmanager
-def _delay(ns: str, dev: str, ms: int) -> Iterator[None]:
-    """A round trip between lb and the client: every frame out of dev waits."""
-    subprocess.run(["modprobe", "sch_netem"], check=True)
-    netns.run(ns, ["tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", f"{ms}ms"])
-    try:
-        yield
-    finally:
-        netns.run(ns, ["tc", "qdisc", "del", "dev", dev, "root"], check=False)
 
 
 # ---- stateless drops ----------------------------------------------------------------------
