@@ -10,6 +10,8 @@ Usage: ``python -m ipvs_synproxy_testbed.debs DIR``
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -31,6 +33,38 @@ def copy_checkout(dest: Path) -> None:
         if src.is_file() or src.is_symlink():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name, follow_symlinks=False)
+
+
+def content_key() -> str:
+    """A hash of the files a build copies: equal keys, equal packages."""
+    root = paths.project_root()
+    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                            "--exclude-standard"], cwd=root, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    h = hashlib.sha256()
+    for name in sorted(filter(None, names)):
+        p = root / name
+        if p.is_file():
+            h.update(name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_cached() -> list[Path]:
+    """The packages of the checkout as it is, built once per content (the
+    DKMS tests of two kernel series run at the same time and share them)."""
+    out = paths.build_dir() / "deb-cache" / content_key()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / ".complete").exists():
+            return sorted(out.glob("*.deb"))
+        shutil.rmtree(out, ignore_errors=True)
+        for old in out.parent.iterdir():    # earlier contents' packages
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+        debs = build(out)
+        (out / ".complete").touch()
+        return debs
 
 
 def build(out: Path) -> list[Path]:

@@ -1,5 +1,6 @@
 """The Debian packages, per supported kernel series: ``make deb``'s packages
-(built here by the same code, from the checkout's files) install with
+(built here by the same code, from the checkout's files, once for both
+series) install with
 ``dpkg -i`` in the guest, whose root is an overlay of the host's. Debian's
 dkms, run by ipvs-synproxy-dkms's and toa-dkms's own postinst, installs the
 modules for the running kernel; ``modprobe ip_vs`` then loads this project's
@@ -89,7 +90,7 @@ def test_a_dkms_install_in_the_guest_loads_our_modules_and_serves(
         tmp_path: Path, series: str) -> None:
     apt.ensure_debs(["dkms", *deps.DEB_DEBS])
     kernel = kmod.ensure_toolchain(series)
-    debs = deb_build.build(tmp_path / "debs")
+    debs = deb_build.build_cached()
     names = {d.name.split("_")[0]: d for d in debs}
     assert set(deb_build.PACKAGES) <= set(names), names
     for field, want in (("Conflicts", "keepalived"), ("Provides", "keepalived")):
@@ -97,7 +98,7 @@ def test_a_dkms_install_in_the_guest_loads_our_modules_and_serves(
                              capture_output=True, text=True, check=True).stdout.strip()
         assert got == want, (field, got)
     prebuilt = tmp_path / "prebuilt"
-    prebuild(tmp_path / "debs", prebuilt, kernel.version)
+    prebuild(debs[0].parent, prebuilt, kernel.version)
     tree = tmp_path / "tree"
     subprocess.run(["dpkg-deb", "-x", str(names["ipvs-synproxy-dkms"]), str(tree)], check=True)
     conf = (tree / f"usr/src/ipvs-synproxy-{VERSION}/dkms.conf").read_text()
