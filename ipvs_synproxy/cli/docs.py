@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 from collections.abc import Iterator
 
 from ipvs_synproxy.adm import cmdline
 from ipvs_synproxy.adm import execute as adm
 
 SEE_ALSO = ("ipvsadm(8)", "keepalived(8)", "ipvsadm-sp(8)", "ipvs-synproxy(8)")
+
+
+def _date() -> str:
+    """The page's date: SOURCE_DATE_EPOCH's (dpkg-buildpackage sets it from the
+    changelog, so the packaged pages are reproducible), else today."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    when = (datetime.datetime.fromtimestamp(int(epoch), datetime.UTC) if epoch.isdigit()
+            else datetime.datetime.now(datetime.UTC))
+    return when.date().isoformat()
 
 
 def _esc(text: str) -> str:
@@ -71,7 +81,7 @@ def _option_lines(action: argparse.Action) -> list[str]:
 
 
 def ipvs_synproxy_page(parser: argparse.ArgumentParser, version: str) -> str:
-    today = datetime.date.today().isoformat()
+    today = _date()
     out = [f'.TH IPVS\\-SYNPROXY 8 "{today}" "{_esc(version)}" "System Administration"',
            ".SH NAME", "ipvs\\-synproxy \\- " + _esc(parser.description or ""),
            ".SH SYNOPSIS", "\\fBipvs\\-synproxy\\fR [\\fB\\-\\-version\\fR] "
@@ -104,7 +114,7 @@ def ipvs_synproxy_page(parser: argparse.ArgumentParser, version: str) -> str:
 
 
 def ipvsadm_sp_page(version: str) -> str:
-    today = datetime.date.today().isoformat()
+    today = _date()
     usage = adm.usage_text("ipvsadm-sp").split("Usage:\n", 1)[1]
     out = [f'.TH IPVSADM\\-SP 8 "{today}" "{_esc(version)}" "System Administration"',
            ".SH NAME", "ipvsadm\\-sp \\- ipvsadm 1.31 for the ipvs\\-synproxy modules",
