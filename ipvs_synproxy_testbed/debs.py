@@ -23,29 +23,29 @@ from ipvs_synproxy.build import paths
 PACKAGES = ("ipvs-synproxy", "ipvs-synproxy-dkms", "toa-dkms", "keepalived-synproxy")
 
 
-def copy_checkout(dest: Path) -> None:
+def checkout_files() -> list[str]:
+    """The checkout's files, sorted: tracked, or new and not ignored (what a
+    clean clone of the next commit holds)."""
     root = paths.project_root()
     names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
                             "--exclude-standard"], cwd=root, capture_output=True,
                            check=True).stdout.decode().split("\0")
-    for name in filter(None, names):
-        src = root / name
-        if src.is_file() or src.is_symlink():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name, follow_symlinks=False)
+    return sorted(n for n in names if n and (root / n).is_file())
+
+
+def copy_checkout(dest: Path) -> None:
+    root = paths.project_root()
+    for name in checkout_files():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, dest / name, follow_symlinks=False)
 
 
 def content_key() -> str:
     """A hash of the files a build copies: equal keys, equal packages."""
     root = paths.project_root()
-    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
-                            "--exclude-standard"], cwd=root, capture_output=True,
-                           check=True).stdout.decode().split("\0")
     h = hashlib.sha256()
-    for name in sorted(filter(None, names)):
-        p = root / name
-        if p.is_file():
-            h.update(name.encode() + b"\0" + p.read_bytes() + b"\0")
+    for name in checkout_files():
+        h.update(name.encode() + b"\0" + (root / name).read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 

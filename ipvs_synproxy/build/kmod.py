@@ -487,12 +487,13 @@ def tree_modules(tree: Path, config: dict[str, str]) -> list[str]:
     return names
 
 
-def dkms_modules(names: list[str]) -> str:
-    """dkms.conf's per-module lines: where each is built and where it lands."""
+def dkms_modules(names: list[str], base: str = "") -> str:
+    """dkms.conf's per-module lines: where each is built (below ``base`` of
+    the DKMS tree) and where it lands."""
     lines: list[str] = []
     for i, name in enumerate(names):
         lines += [f'BUILT_MODULE_NAME[{i}]="{name}"',
-                  f'BUILT_MODULE_LOCATION[{i}]="{_IPVS_DIR}/"',
+                  f'BUILT_MODULE_LOCATION[{i}]="{base}{_IPVS_DIR}/"',
                   f'DEST_MODULE_LOCATION[{i}]="/updates/dkms"']
     return "\n".join(lines)
 
@@ -544,11 +545,8 @@ def export_all(dest: Path, version: str, series: Sequence[str] | None = None) ->
     branches = []
     for s in chosen:
         sub = export_tree(dest / f"linux-{s}", version, s)
-        modules = [ln for ln in (sub / "dkms.conf").read_text().splitlines()
-                   if ln.startswith(("BUILT_MODULE_", "DEST_MODULE_"))]
-        located = [ln.replace(f'="{_IPVS_DIR}/"', f'="linux-{s}/{_IPVS_DIR}/"')
-                   for ln in modules]
-        branches.append((s, located))
+        names = tree_modules(sub, kernel_config(find_kernel(s)))
+        branches.append((s, dkms_modules(names, f"linux-{s}/").splitlines()))
     (dest / "dkms.conf").write_text(_multi_dkms_conf(version, branches))
     return dest
 

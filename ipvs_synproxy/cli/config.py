@@ -185,13 +185,13 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     directory = guard.state_dir(args.state_dir)
     states = guard.saved_states(directory)
     if args.list:
-        for name in guard.describe_saved(states):
-            print(name)
+        for saved in states:
+            print(saved.name)
         return 0
-    chosen = [s for s in states if args.state in (None, guard.describe_saved([s])[0])]
+    chosen = [s for s in states if args.state in (None, s.name)]
     if not chosen:
         _err(f"no saved state {args.state or ''} in {directory} "
-             f"(saved: {', '.join(guard.describe_saved(states)) or 'none'})")
+             f"(saved: {', '.join(s.name for s in states) or 'none'})")
         return EXIT_USAGE
     try:
         desired = guard.read_saved(chosen[0])

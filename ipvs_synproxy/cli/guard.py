@@ -26,7 +26,7 @@ import json
 import os
 import syslog
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -233,7 +233,3 @@ def log_changes(lines: Iterable[str], prefix: str) -> None:
             syslog.syslog(syslog.LOG_NOTICE, f"{prefix}: {line}")
     finally:
         syslog.closelog()
-
-
-def describe_saved(states: Sequence[Saved]) -> list[str]:
-    return [s.name for s in states]

@@ -81,7 +81,7 @@ def _cmd_vm_exec(args: argparse.Namespace) -> int:
 
 
 def _cmd_man(args: argparse.Namespace) -> int:
-    version = version_text().split(" (")[0].removeprefix("ipvs-synproxy ")
+    version = package_version()
     if args.page == "ipvsadm-sp":
         sys.stdout.write(cli_docs.ipvsadm_sp_page(version))
     else:
@@ -124,15 +124,18 @@ def install_deps_option(p: argparse.ArgumentParser) -> None:
                         "compilers) with apt-get instead of naming them and stopping")
 
 
-def version_text() -> str:
-    """The package's version and the kernel series it carries patches for."""
+def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        ours = version("ipvs-synproxy")
+        return version("ipvs-synproxy")
     except PackageNotFoundError:
-        ours = "unknown (not installed)"
-    return (f"ipvs-synproxy {ours} (kernel patch series: "
+        return "unknown (not installed)"
+
+
+def version_text() -> str:
+    """The package's version and the kernel series it carries patches for."""
+    return (f"ipvs-synproxy {package_version()} (kernel patch series: "
             f"{', '.join(f'Linux {s}' for s in kmod.known_series())})")
 
 

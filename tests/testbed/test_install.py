@@ -11,7 +11,6 @@ that tree. Nothing is written into the virtualenv or the current directory.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from ipvs_synproxy.build import kmod, paths
+from ipvs_synproxy_testbed import debs
 
 ROOT = paths.project_root()
 EXAMPLE = ROOT / "tests/unit/data/keepalived/example.yaml"
@@ -50,13 +50,7 @@ class Installed:
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     base = tmp_path_factory.mktemp("install")
     src, dist, target, cwd = (base / d for d in ("src", "dist", "target", "cwd"))
-    tracked = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
-                              "--exclude-standard"], cwd=ROOT, capture_output=True,
-                             check=True).stdout.decode().split("\0")
-    for name in filter(None, tracked):
-        if (ROOT / name).is_file():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, src / name)
+    debs.copy_checkout(src)
     subprocess.run([sys.executable, "-m", "pip", "-q", "wheel", "--no-deps",
                     "--no-build-isolation", "-w", str(dist), str(src)],
                    check=True, capture_output=True, timeout=300)

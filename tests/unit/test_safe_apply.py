@@ -126,7 +126,7 @@ def test_each_apply_saves_the_live_table_and_restore_puts_it_back(
     assert kernel.knobs["conn_reuse_mode"] == (1,)
     assert kernel.knobs["sync_threshold"] == (3, 50)
     # restore saved what it replaced: restoring that undoes the restore
-    names = guard.describe_saved(guard.saved_states(guard.state_dir()))
+    names = [s.name for s in guard.saved_states(guard.state_dir())]
     assert len(names) == 2
     assert _run("restore", names[0]) == 0
     assert _canon(State(kernel.state().services)) == _canon(State(applied.services))
