@@ -323,10 +323,13 @@ class _Errors:
         try:
             return fn(*args)
         except ConfigError as exc:
-            if not self.keep_going:
-                raise
-            self.found.append(exc)
+            self.report(exc)
             return None
+
+    def report(self, exc: ConfigError) -> None:
+        if not self.keep_going:
+            raise exc
+        self.found.append(exc)
 
 
 def _secret(r: Reader, top: YamlMap, require_root_owner: bool) -> tuple[bytes, str]:
@@ -357,18 +360,14 @@ def _services(r: Reader, top: YamlMap, errors: _Errors
         key = st.service.key()
         where = f"{r.filename}:{seq.item_lines[i]}"
         if key in origins:
-            errors.run(_raise, ConfigError(where, f"services[{i}]",
-                                           f"duplicate service {st.service} (first at "
-                                           f"{origins[key]})"))
+            errors.report(ConfigError(where, f"services[{i}]",
+                                      f"duplicate service {st.service} (first at "
+                                      f"{origins[key]})"))
             complete = False
             continue
         origins[key] = where
         services.append(st)
     return services, origins, complete
-
-
-def _raise(exc: ConfigError) -> None:
-    raise exc
 
 
 def _load(text: str, filename: str, errors: _Errors, require_root_owner: bool
