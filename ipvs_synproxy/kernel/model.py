@@ -179,6 +179,9 @@ class Service:
     flags: int = 0
     pe_name: str | None = None
     stats: Stats | None = field(default=None, compare=False)
+    # The service's SYN proxy counters by their ext-stats names (0029), read only:
+    # None when the kernel sends none (stock modules, the SYN proxy never on).
+    sp_stats: Mapping[str, int] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         source = "service"

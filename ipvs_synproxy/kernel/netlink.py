@@ -123,6 +123,26 @@ def _own_nla_table(cls: _C) -> _C:
 
 
 @_own_nla_table
+class IpvsExtStats(nla):  # type: ignore[misc]
+    prefix = "IPVS_EXT_STATS_ATTR_"
+    nla_map = (
+        ("IPVS_EXT_STATS_ATTR_UNSPEC", "none"),
+        ("IPVS_EXT_STATS_ATTR_ENTRY", "entry"),
+    )
+
+    @_own_nla_table
+    class entry(nla):  # type: ignore[misc]
+        prefix = "IPVS_EXT_STATS_ATTR_"
+        nla_map = (
+            ("IPVS_EXT_STATS_ATTR_UNSPEC", "none"),
+            ("IPVS_EXT_STATS_ATTR_ENTRY", "none"),
+            ("IPVS_EXT_STATS_ATTR_NAME", "asciiz"),
+            ("IPVS_EXT_STATS_ATTR_VALUE", "uint64"),
+            ("IPVS_EXT_STATS_ATTR_PAD", "none"),
+        )
+
+
+@_own_nla_table
 class IpvsService(pr_ipvs.ipvsmsg.service):  # type: ignore[misc]
     prefix = "IPVS_SVC_ATTR_"
     nla_map = (
@@ -139,7 +159,10 @@ class IpvsService(pr_ipvs.ipvsmsg.service):  # type: ignore[misc]
         ("IPVS_SVC_ATTR_STATS", "stats"),
         ("IPVS_SVC_ATTR_PE_NAME", "asciiz"),
         ("IPVS_SVC_ATTR_STATS64", "stats64"),
+        # ours (0029): the service's SYN proxy counters, ext-stats entries
+        ("IPVS_SVC_ATTR_SYNPROXY_STATS", "sp_stats"),
     )
+    sp_stats = IpvsExtStats
 
 
 @_own_nla_table
@@ -176,26 +199,6 @@ class IpvsLaddr(nla):  # type: ignore[misc]
         ("IPVS_LADDR_ATTR_ADDR_FAMILY", "uint16"),
         ("IPVS_LADDR_ATTR_PAD", "none"),  # alignment before the u64 (nla_put_u64_64bit)
     )
-
-
-@_own_nla_table
-class IpvsExtStats(nla):  # type: ignore[misc]
-    prefix = "IPVS_EXT_STATS_ATTR_"
-    nla_map = (
-        ("IPVS_EXT_STATS_ATTR_UNSPEC", "none"),
-        ("IPVS_EXT_STATS_ATTR_ENTRY", "entry"),
-    )
-
-    @_own_nla_table
-    class entry(nla):  # type: ignore[misc]
-        prefix = "IPVS_EXT_STATS_ATTR_"
-        nla_map = (
-            ("IPVS_EXT_STATS_ATTR_UNSPEC", "none"),
-            ("IPVS_EXT_STATS_ATTR_ENTRY", "none"),
-            ("IPVS_EXT_STATS_ATTR_NAME", "asciiz"),
-            ("IPVS_EXT_STATS_ATTR_VALUE", "uint64"),
-            ("IPVS_EXT_STATS_ATTR_PAD", "none"),
-        )
 
 
 @_own_nla_table
@@ -386,6 +389,7 @@ def service_from(nest: Any) -> Service:
     raw_mask = nest.get_attr("IPVS_SVC_ATTR_NETMASK")
     stats = _stats_from(nest.get_attr("IPVS_SVC_ATTR_STATS64")) or \
         _stats_from(nest.get_attr("IPVS_SVC_ATTR_STATS"))
+    sp_nest = nest.get_attr("IPVS_SVC_ATTR_SYNPROXY_STATS")
     common: dict[str, Any] = {
         "scheduler": nest.get_attr("IPVS_SVC_ATTR_SCHED_NAME") or "wlc",
         "persistent": timeout if flags & IP_VS_SVC_F_PERSISTENT else 0,
@@ -394,6 +398,7 @@ def service_from(nest: Any) -> Service:
         "flags": flags & SETTABLE_FLAGS,
         "pe_name": nest.get_attr("IPVS_SVC_ATTR_PE_NAME") or None,
         "stats": stats,
+        "sp_stats": ext_stats_from(sp_nest) if sp_nest is not None else None,
     }
     if fwmark:
         return Service(fwmark=fwmark, fwmark_af=Family(af), **common)

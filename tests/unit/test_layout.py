@@ -26,9 +26,12 @@ ALLOWED: dict[str, set[str]] = {
     "ipvs_synproxy.build": set(),
     "ipvs_synproxy.config": {"ipvs_synproxy.kernel"},
     "ipvs_synproxy.adm": {"ipvs_synproxy.kernel"},
-    "webui": {"ipvs_synproxy.kernel", "ipvs_synproxy.config"},
+    # never ipvs_synproxy.config: that is where the cookie secret is read
+    "ipvs_synproxy.exporter": {"ipvs_synproxy.kernel"},
+    "webui": {"ipvs_synproxy.kernel", "ipvs_synproxy.config", "ipvs_synproxy.exporter"},
     "ipvs_synproxy.cli": {"ipvs_synproxy.kernel", "ipvs_synproxy.config", "ipvs_synproxy.adm",
-                          "ipvs_synproxy.build", "webui", "ipvs_synproxy_testbed"},
+                          "ipvs_synproxy.build", "ipvs_synproxy.exporter", "webui",
+                          "ipvs_synproxy_testbed"},
     "ipvs_synproxy": set(),  # the package's own __init__
     "ipvs_synproxy_testbed": {"ipvs_synproxy.kernel", "ipvs_synproxy.adm",
                               "ipvs_synproxy.build"},

@@ -231,3 +231,32 @@ def test_kernel_style_laddr_reply_with_pad_attribute_decodes() -> None:
     msg = netlink.decode_reply(data)
     la = netlink.laddr_from(msg.get_attr("IPVS_CMD_ATTR_LADDR"), 2)
     assert (la.addr, la.port_conflict, la.conn_counts) == (addr, 7, 9)
+
+
+def _kernel_service(extra: bytes) -> bytes:
+    """A GET_SERVICE reply as the kernel builds it: TCP 198.51.100.10:80 plus extra."""
+    addr = ipaddress.ip_address("198.51.100.10")
+    svc = (_nla(1, struct.pack("=H", 2)) + _nla(2, struct.pack("=H", 6))
+           + _nla(3, addr.packed + bytes(12)) + _nla(4, struct.pack("!H", 80))
+           + _nla(6, b"rr\0") + _nla(7, struct.pack("=II", 0x8000, 0xffffffff))
+           + _nla(8, struct.pack("=I", 0)) + _nla(9, struct.pack("=I", 0xffffffff)) + extra)
+    body = struct.pack("=BBH", netlink.IPVS_CMD_NEW_SERVICE, 1, 0) + _nla(1, svc)
+    return struct.pack("=IHHII", 16 + len(body), 0x20, 2, 1, 0) + body
+
+
+def test_service_synproxy_stats_attribute_13_decodes_with_pad() -> None:
+    """0029: IPVS_SVC_ATTR_SYNPROXY_STATS (13) nests ext-stats entries (name,
+    PAD, u64 value), as nla_put_u64_64bit writes them."""
+    def entry(name: str, value: int) -> bytes:
+        return _nla(1, _nla(2, name.encode() + b"\0") + _nla(4, b"")
+                    + _nla(3, struct.pack("=Q", value)))
+    nest = entry("synproxy_syn_received", 12) + entry("synproxy_ack_invalid", 2**40)
+    msg = netlink.decode_reply(_kernel_service(_nla(13, nest)))
+    svc = netlink.service_from(msg.get_attr("IPVS_CMD_ATTR_SERVICE"))
+    assert svc.synproxy and svc.port == 80
+    assert svc.sp_stats == {"synproxy_syn_received": 12, "synproxy_ack_invalid": 2**40}
+
+
+def test_a_service_without_synproxy_stats_has_none() -> None:
+    msg = netlink.decode_reply(_kernel_service(b""))
+    assert netlink.service_from(msg.get_attr("IPVS_CMD_ATTR_SERVICE")).sp_stats is None
