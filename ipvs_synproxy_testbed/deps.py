@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
-from ipvs_synproxy.build import apt, kmod
+from ipvs_synproxy.build import apt, kmod, paths
 from ipvs_synproxy.build import keepalived as keepalived_build
 from ipvs_synproxy_testbed import vm
 
 # Used only by tests: the initramfs (cpio), the console's browser test, the DKMS install,
 # the generated man pages (groff checks them).
 TEST_DEBS = ["cpio", "chromium", "chromium-driver", "dkms", "groff-base"]
+# promtool (the alert rules' checks and unit tests, monitoring/): taken out of
+# Debian's prometheus package, which is not installed (it would start a server).
+PROMTOOL_DEB, PROMTOOL_MEMBER = "prometheus", "./usr/bin/promtool"
 # make deb: Debian's own packaging tools; and what the ipvs-synproxy package
 # depends on, for the guest that installs it (its root is the host's).
 DEB_DEBS = ["dpkg-dev", "debhelper", "dh-dkms", "python3-yaml", "python3-jinja2",
@@ -31,6 +35,11 @@ def project_debs() -> list[str]:
                   | set(keepalived_build.BUILD_DEBS) | set(TEST_DEBS) | set(DEB_DEBS))
 
 
+def promtool_path() -> Path:
+    """Where ``make deps`` puts promtool: build/tools/promtool."""
+    return paths.build_dir() / "tools" / "promtool"
+
+
 def main() -> int:
     """``python -m ipvs_synproxy_testbed.deps``: install what is missing."""
     try:
@@ -38,6 +47,8 @@ def main() -> int:
         # machine's) may predate a series' packages and leave it out.
         apt.update()
         apt.ensure_debs(project_debs())
+        apt.extract_from_deb(PROMTOOL_DEB, PROMTOOL_MEMBER, promtool_path(),
+                             paths.build_dir() / "tools" / "debs")
     except (apt.DependencyError, kmod.KmodError, subprocess.CalledProcessError) as exc:
         print(f"ipvs-synproxy: {exc}", file=sys.stderr)
         return 1

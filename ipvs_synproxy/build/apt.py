@@ -15,6 +15,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 _apt_updated = False
 # Seconds to wait for another apt or dpkg (unattended-upgrades, a second build) to finish.
@@ -114,3 +116,46 @@ def ensure_debs(packages: list[str]) -> None:
     )
     if res.returncode != 0:
         raise DependencyError(f"apt-get install {' '.join(missing)} failed ({res.returncode})")
+
+
+def extract_from_deb(package: str, member: str, dest: Path, cache: Path) -> Path:
+    """One file of a Debian package, without installing the package.
+
+    ``apt-get download`` fetches apt's candidate of ``package`` into ``cache``
+    (as any user: nothing is installed, no maintainer script runs), and only
+    ``member`` (its path in the package, e.g. ``./usr/bin/promtool``) is taken
+    out of its data archive to ``dest``. Nothing is done when ``dest`` exists.
+    """
+    if dest.exists():
+        return dest
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise DependencyError(f"{dest} is missing and there is no apt-get/dpkg-deb to "
+                              f"take it from Debian's {package}")
+    cache.mkdir(parents=True, exist_ok=True)
+    debs = sorted(cache.glob(f"{package}_*.deb"))
+    if not debs:
+        print(f"ipvs-synproxy: downloading {package} for {member}", file=sys.stderr)
+        for attempt in range(2):
+            # root: no sandbox user, who could not write into the checkout's build/
+            sandbox = ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
+            res = subprocess.run(["apt-get", *sandbox, "download", "-q", package],
+                                 cwd=cache, stdout=subprocess.DEVNULL, check=False)
+            debs = sorted(cache.glob(f"{package}_*.deb"))
+            if res.returncode == 0 and debs:
+                break
+            if attempt:
+                raise DependencyError(f"apt-get download {package} failed "
+                                      f"({res.returncode})")
+            update()  # a new machine's lists may be missing or stale
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        fsys = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(debs[-1])],
+                                stdout=subprocess.PIPE)
+        tar = subprocess.run(["tar", "-x", "-C", tmp, member], stdin=fsys.stdout,
+                             check=False)
+        if fsys.stdout is not None:
+            fsys.stdout.close()
+        if fsys.wait() != 0 or tar.returncode != 0:
+            raise DependencyError(f"could not take {member} out of {debs[-1]}")
+        os.replace(Path(tmp) / member, dest)
+    return dest
