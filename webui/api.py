@@ -75,6 +75,11 @@ def ext_stats() -> ResponseReturnValue:
     return jsonify(console().ext())
 
 
+@bp.route("/attack")
+def attack() -> ResponseReturnValue:
+    return jsonify(console().attack())
+
+
 @bp.route("/sysctl")
 def sysctl() -> ResponseReturnValue:
     return jsonify({"sysctls": console().sysctls()})

@@ -14,7 +14,7 @@ from ipvs_synproxy.kernel import stats
 from webui import api, auth, metrics, pages
 from webui.actions import audit_refusal
 from webui.audit import AuditLog
-from webui.service import ConsoleError, ConsoleService
+from webui.service import ConsoleError, ConsoleService, FloodThreshold
 from webui.sessions import SessionStore
 from webui.settings import Settings, check_users, host_name, trusted_hosts
 from webui.throttle import Throttle
@@ -47,7 +47,9 @@ def build(settings: Settings, service: ConsoleService | None = None) -> Flask:
     )
     app.config.update(settings.extra)
     app.extensions["ipvs_console"] = service or ConsoleService.for_netns(
-        settings.netns, allow_loopback=settings.allow_loopback_real_servers)
+        settings.netns, allow_loopback=settings.allow_loopback_real_servers,
+        flood=FloodThreshold(syn_rate=settings.flood_syn_rate,
+                             valid_ack_ratio=settings.flood_valid_ack_ratio))
     app.extensions["ipvs_audit"] = AuditLog(settings.audit_log, settings.audit_log_gid)
     app.extensions["ipvs_sessions"] = SessionStore(idle=settings.session_idle,
                                                    lifetime=settings.session_lifetime)

@@ -34,7 +34,7 @@ def service(sid: str) -> ResponseReturnValue:
 
 @bp.route("/synproxy")
 def synproxy() -> ResponseReturnValue:
-    return render_template("synproxy.html", data=console().ext())
+    return render_template("synproxy.html", data=console().ext(), attack=console().attack())
 
 
 @bp.route("/sysctl")

@@ -16,9 +16,11 @@ import contextlib
 import dataclasses
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
+from ipvs_synproxy.exporter import collector, series
 from ipvs_synproxy.kernel import netlink
 from ipvs_synproxy.kernel import sysctl as sysctl_mod
 from ipvs_synproxy.kernel.model import (
@@ -30,6 +32,7 @@ from ipvs_synproxy.kernel.model import (
     ModelError,
     Service,
     Stats,
+    SyncDaemon,
     make_dest,
 )
 from webui import validate
@@ -49,6 +52,7 @@ class Kernel(Protocol):
     def dests(self, svc: Service) -> list[Dest]: ...
     def laddrs(self, svc: Service) -> list[Laddr]: ...
     def ext_stats(self) -> dict[str, int]: ...
+    def daemons(self) -> list[SyncDaemon]: ...
     def edit_service(self, svc: Service) -> None: ...
     def add_dest(self, svc: Service, dest: Dest) -> None: ...
     def edit_dest(self, svc: Service, dest: Dest) -> None: ...
@@ -57,6 +61,7 @@ class Kernel(Protocol):
 
 class SysctlReader(Protocol):
     def read_all(self) -> dict[str, sysctl_mod.Value]: ...
+    def read(self, name: str) -> sysctl_mod.Value: ...
 
 
 class ConsoleError(Exception):
@@ -253,21 +258,176 @@ class _RateSampler:
             return dict(self.rates)
 
 
+# ---- the attack view ----------------------------------------------------------------------
+#
+# Per SYN-proxy service, from its own counters (Service.sp_stats): SYNs, cookies, valid
+# ACKs and proxied connections per second, drops by reason, and whether it is under a
+# flood. The threshold and the drop reasons are the exporter's (ipvs_synproxy.exporter
+# .series), so the console's badge, the alert rules and the dashboards agree.
+
+# What each VIP's chart shows (the reply's key → the kernel's per-service counter).
+ATTACK_RATES: dict[str, str] = {
+    "syns": "synproxy_syn_received",
+    "cookies": "synproxy_cookie_sent",
+    "valid_acks": "synproxy_ack_valid",
+    "proxied": "synproxy_conn_proxied",
+    "invalid_acks": "synproxy_ack_invalid",
+}
+# Drop counters by the reason label of the exporter's ipvs_synproxy_drops_total.
+DROP_REASONS: dict[str, str] = {
+    ext: labels["reason"] for ext, (name, labels) in series.SERVICE_EXT.items()
+    if name == "ipvs_synproxy_drops_total"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FloodThreshold:
+    """When a service counts as under flood (defaults: the exporter's, which the alert
+    rules use too): over the last ``window`` seconds, at least ``syn_rate`` SYNs per
+    second and fewer than ``valid_ack_ratio`` of its cookies came back as valid ACKs.
+    No cookie sent is no flood, as in the alert rules (monitoring/): SYNs dropped before
+    a cookie show as drops. The flag clears ``clear_after`` seconds after the last
+    flooded window."""
+
+    syn_rate: float = series.FLOOD_SYN_RATE
+    valid_ack_ratio: float = series.FLOOD_VALID_ACK_RATIO
+    window: float = series.FLOOD_WINDOW_S
+    clear_after: float = series.FLOOD_CLEAR_S
+
+    def flooded(self, rates: Mapping[str, float]) -> bool:
+        ratio = valid_ack_ratio(rates)
+        return rates["syns"] >= self.syn_rate and ratio is not None and \
+            ratio < self.valid_ack_ratio
+
+    def as_dict(self) -> dict[str, float]:
+        return {"syn_rate": self.syn_rate, "valid_ack_ratio": self.valid_ack_ratio,
+                "window_s": self.window, "clear_s": self.clear_after}
+
+
+def valid_ack_ratio(rates: Mapping[str, float]) -> float | None:
+    """Valid ACKs per cookie sent (None: no cookie sent)."""
+    return rates["valid_acks"] / rates["cookies"] if rates["cookies"] > 0 else None
+
+
+def attack_counters(sp: Mapping[str, int]) -> dict[str, int]:
+    """The counters the attack view uses, from a service's ``sp_stats``."""
+    names = (*ATTACK_RATES.values(), *DROP_REASONS)
+    return {n: int(sp.get(n, 0)) for n in names}
+
+
+@dataclasses.dataclass
+class _FloodWindow:
+    """One service's samples (time, counters), oldest first, and its flood state."""
+
+    samples: deque[tuple[float, dict[str, int]]] = dataclasses.field(default_factory=deque)
+    rates: dict[str, float] = dataclasses.field(default_factory=dict)
+    flooding: bool = False
+    first_flooded: float | None = None  # start of the current episode
+    last_flooded: float | None = None  # time of the last flooded window
+
+
+class _AttackSampler:
+    """Rates of each SYN-proxy service's counters over the last ``window`` seconds and
+    its flood flag with hysteresis. Sampled when read, at most every ``min_interval``
+    seconds per service (several browsers polling share one estimate): a rate spans
+    from the newest sample at least ``window`` old to now — or, with reads further
+    apart than that, from the previous read (an older one only when nothing newer is
+    left). Counters that went down (the service was deleted and added again) start
+    its history afresh."""
+
+    def __init__(self, clock: Callable[[], float], min_interval: float = 0.5) -> None:
+        self.clock = clock
+        self.min_interval = min_interval
+        self.lock = threading.Lock()
+        self.windows: dict[str, _FloodWindow] = {}
+
+    def update(self, counters: Mapping[str, Mapping[str, int]],
+               threshold: FloodThreshold) -> dict[str, _FloodWindow]:
+        """``counters`` by service id → each service's window (services no longer
+        listed are forgotten)."""
+        now = self.clock()
+        with self.lock:
+            for sid in set(self.windows) - set(counters):
+                del self.windows[sid]
+            out = {}
+            for sid, values in counters.items():
+                w = self.windows.setdefault(sid, _FloodWindow())
+                if not w.samples or now - w.samples[-1][0] >= self.min_interval:
+                    _sample(w, now, dict(values), threshold)
+                out[sid] = dataclasses.replace(w, samples=deque(), rates=dict(w.rates))
+            return out
+
+
+def _sample(w: _FloodWindow, now: float, values: dict[str, int],
+            threshold: FloodThreshold) -> None:
+    if w.samples and any(v < w.samples[-1][1].get(k, 0) for k, v in values.items()):
+        w.samples.clear()
+    s = w.samples
+    s.append((now, values))
+    while len(s) >= 2 and (s[1][0] <= now - threshold.window or
+                           (len(s) >= 3 and s[0][0] < now - 2 * threshold.window)):
+        s.popleft()
+    t0, old = s[0]
+    dt = now - t0
+    w.rates = {key: round(max(0, values[c] - old.get(c, 0)) / dt, 3) if dt > 0 else 0.0
+               for key, c in (*ATTACK_RATES.items(), *((c, c) for c in DROP_REASONS))}
+    w.flooding = len(s) >= 2 and threshold.flooded(w.rates)
+    if w.flooding:
+        w.last_flooded = now
+        if w.first_flooded is None:
+            w.first_flooded = now
+    elif w.last_flooded is not None and now - w.last_flooded >= threshold.clear_after:
+        w.first_flooded = w.last_flooded = None
+
+
+def attack_entry(svc: Service, w: _FloodWindow | None, now: float,
+                 threshold: FloodThreshold) -> dict[str, Any]:
+    """One service of the attack view (``w`` None: the kernel keeps no counters for it)."""
+    sp = attack_counters(svc.sp_stats or {})
+    rates = w.rates if w is not None and w.rates else dict.fromkeys(
+        (*ATTACK_RATES, *DROP_REASONS), 0.0)
+    under = w is not None and w.last_flooded is not None
+    ratio = valid_ack_ratio(rates)
+    return {
+        "id": service_id(svc), "name": str(svc),
+        "vip": str(svc.addr) if svc.addr is not None else None, "port": svc.port,
+        "protocol": svc.protocol.value if not svc.fwmark else "fwmark",
+        "synproxy": svc.synproxy, "counters": svc.sp_stats is not None,
+        "rates": {k: rates[k] for k in ATTACK_RATES},
+        "totals": {k: sp[c] for k, c in ATTACK_RATES.items()},
+        "valid_ack_ratio": None if ratio is None else round(ratio, 4),
+        "under_flood": under,
+        "flooding_now": bool(w is not None and w.flooding),
+        "flood_for_s": round(now - w.first_flooded, 1)
+        if under and w is not None and w.first_flooded is not None else None,
+        "clears_in_s": round(max(0.0, w.last_flooded + threshold.clear_after - now), 1)
+        if under and w is not None and w.last_flooded is not None and not w.flooding
+        else None,
+        "drops": {reason: {"rate": rates[c], "total": sp[c]}
+                  for c, reason in sorted(DROP_REASONS.items(), key=lambda kv: kv[1])},
+    }
+
+
 class ConsoleService:
     def __init__(self, connect: Callable[[], Kernel], sysctls: SysctlReader,
                  proc_stats: Callable[[], dict[str, int] | None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic,
-                 allow_loopback: bool = False) -> None:
+                 allow_loopback: bool = False,
+                 flood: FloodThreshold = FloodThreshold()) -> None:
         self._connect = connect
         self.allow_loopback = allow_loopback
         self._sysctls = sysctls
         self._proc_stats = proc_stats
+        self._clock = clock
         self._sampler = _RateSampler(clock)
+        self.flood = flood
+        self._attack = _AttackSampler(clock)
 
     @classmethod
-    def for_netns(cls, netns: str | None, allow_loopback: bool = False) -> ConsoleService:
+    def for_netns(cls, netns: str | None, allow_loopback: bool = False,
+                  flood: FloodThreshold = FloodThreshold()) -> ConsoleService:
         return cls(lambda: netlink.IPVS(netns), sysctl_mod.Sysctls(netns),
-                   lambda: read_proc_stats(netns), allow_loopback=allow_loopback)
+                   lambda: read_proc_stats(netns), allow_loopback=allow_loopback,
+                   flood=flood)
 
     @contextlib.contextmanager
     def _kernel(self) -> Iterator[Kernel]:
@@ -367,6 +527,19 @@ class ConsoleService:
         return {"available": True, "time": time.time(), "totals": dict(ext),
                 "rates": self._sampler.update(ext)}
 
+    def attack(self) -> dict[str, Any]:
+        """The attack view: every service that has (or had) the SYN proxy on, with its
+        rates over the flood window, drops by reason and the "under flood" flag."""
+        with self._kernel() as k:
+            svcs = [s for s in k.services() if s.synproxy or s.sp_stats is not None]
+        windows = self._attack.update(
+            {service_id(s): attack_counters(s.sp_stats) for s in svcs
+             if s.sp_stats is not None}, self.flood)
+        now = self._clock()
+        return {"time": time.time(), "threshold": self.flood.as_dict(),
+                "services": [attack_entry(s, windows.get(service_id(s)), now, self.flood)
+                             for s in svcs]}
+
     def sysctls(self) -> list[dict[str, Any]]:
         try:
             live = self._sysctls.read_all()
@@ -457,3 +630,10 @@ class ConsoleService:
             if new.synproxy != svc.synproxy:
                 k.edit_service(new)
         return {"service": sid, "old_synproxy": svc.synproxy, "synproxy": on}
+
+    # -- the exporter's reading, for /metrics
+
+    def reading(self) -> collector.Reading:
+        """One read for the exporter's collector (:mod:`ipvs_synproxy.exporter`); raises
+        what netlink raises, which the collector reports as ``ipvs_synproxy_up 0``."""
+        return collector.read(self._connect, self._sysctls)

@@ -15,6 +15,8 @@ trusted_hosts: [lb1.example.net]  # Host names the console answers to (default:
 allow_loopback_real_servers: false  # 127.0.0.1/::1 as real servers only if true
 trusted_proxies: 0              # reverse proxies in front (their X-Forwarded-For,
                                 # -Proto and -Host are believed only when > 0)
+flood_syn_rate: 1000            # attack view: "under flood" from this many SYNs/s ...
+flood_valid_ack_ratio: 0.5      # ... while fewer than this share of cookies come back
 users:
   - name: alice
     role: admin                 # admin: may change things; readonly: may look
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import grp
 import ipaddress
+import math
 import os
 import re
 import stat
@@ -41,6 +44,7 @@ from pathlib import Path
 
 import yaml
 
+from ipvs_synproxy.exporter import series
 from webui import validate
 
 ROLES = ("admin", "readonly")
@@ -50,7 +54,8 @@ _HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 _KEYS = ("listen", "netns", "secret_key_file", "audit_log", "users", "session_cookie_secure",
          "session_idle_minutes", "session_lifetime_hours", "trusted_hosts", "trusted_proxies",
-         "allow_loopback_real_servers", "audit_log_group", "secret_key_shared")
+         "allow_loopback_real_servers", "audit_log_group", "secret_key_shared",
+         "flood_syn_rate", "flood_valid_ack_ratio")
 _USER_KEYS = ("name", "role", "password_hash", "token_hash")
 
 
@@ -84,6 +89,9 @@ class Settings:
     trusted_proxies: int = 0  # reverse proxies in front whose X-Forwarded-* to believe
     allow_loopback_real_servers: bool = False
     audit_log_gid: int | None = None  # None: the audit log is 0600, else 0640 and this group
+    # The attack view's threshold (webui.service.FloodThreshold; defaults: the exporter's)
+    flood_syn_rate: float = series.FLOOD_SYN_RATE
+    flood_valid_ack_ratio: float = series.FLOOD_VALID_ACK_RATIO
     extra: Mapping[str, object] = field(default_factory=dict)  # Flask config overrides
 
 
@@ -267,7 +275,11 @@ def load(path: str) -> Settings:
                     session_lifetime=lifetime * 3600,
                     trusted_hosts=tuple(hosts) if hosts is not None else None,
                     trusted_proxies=_number(raw, "trusted_proxies", 0, 0, 5, path),
-                    allow_loopback_real_servers=loopback, audit_log_gid=gid)
+                    allow_loopback_real_servers=loopback, audit_log_gid=gid,
+                    flood_syn_rate=_rate(raw, "flood_syn_rate", series.FLOOD_SYN_RATE,
+                                         path),
+                    flood_valid_ack_ratio=_ratio(raw, "flood_valid_ack_ratio",
+                                                 series.FLOOD_VALID_ACK_RATIO, path))
 
 
 def _number(raw: Mapping[str, object], key: str, default: int, lo: int, hi: int,
@@ -276,3 +288,20 @@ def _number(raw: Mapping[str, object], key: str, default: int, lo: int, hi: int,
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise SettingsError(f"{source}: {key}: a whole number {lo}-{hi}, got {value!r}")
     return value
+
+
+def _rate(raw: Mapping[str, object], key: str, default: float, source: str) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or \
+            not 0 < value < math.inf:
+        raise SettingsError(f"{source}: {key}: SYNs per second, a number above 0 "
+                            f"(default {default:g}), got {value!r}")
+    return float(value)
+
+
+def _ratio(raw: Mapping[str, object], key: str, default: float, source: str) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise SettingsError(f"{source}: {key}: the share of cookies answered by valid ACKs, "
+                            f"above 0 and at most 1 (default {default:g}), got {value!r}")
+    return float(value)

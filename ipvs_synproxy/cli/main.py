@@ -10,6 +10,7 @@ from ipvs_synproxy.adm import execute as adm
 from ipvs_synproxy.build import apt, kmod, paths
 from ipvs_synproxy.cli import config as cli_config
 from ipvs_synproxy.cli import docs as cli_docs
+from ipvs_synproxy.cli import exporter as cli_exporter
 from ipvs_synproxy.cli import keepalived as cli_keepalived
 from webui import cli as webui_cli
 
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_completion)
 
     cli_config.register(sub)  # diff, apply, stats, sysctl
+    cli_exporter.register(sub)  # the Prometheus exporter
     cli_keepalived.register(sub)  # keepalived render, build
     webui_cli.register(sub)  # the web console
     # ``adm`` takes ipvsadm's own command line: main() hands it over unparsed.

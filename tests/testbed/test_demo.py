@@ -61,13 +61,20 @@ def _login(base: str, user: str, password: str) -> str:
 
 
 def _synproxy_metrics(base: str) -> dict[str, float]:
-    """The extended counters ``synproxy_*`` from the console's /metrics."""
+    """The SYN proxy's cookies sent and valid cookie ACKs from the console's
+    /metrics, summed over the VIPs."""
     with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
         metrics = r.read().decode()
     assert "ipvs_synproxy_up 1.0" in metrics, metrics[:2000]
-    assert 'remote_address="192.0.2.11"' in metrics
-    return {m.group(1): float(m.group(2)) for m in
-            re.finditer(r"^ipvs_synproxy_(synproxy_\w+)_total (\S+)$", metrics, re.M)}
+    assert 'real_server="192.0.2.11"' in metrics
+    assert "node_ipvs_" not in metrics
+    sums = {"synproxy_cookie_sent": 0.0, "synproxy_ack_valid": 0.0}
+    for line in metrics.splitlines():
+        if line.startswith("ipvs_synproxy_cookies_sent_total{"):
+            sums["synproxy_cookie_sent"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("ipvs_synproxy_cookie_acks_total{") and 'result="valid"' in line:
+            sums["synproxy_ack_valid"] += float(line.rsplit(" ", 1)[1])
+    return sums
 
 
 def _wait_for_output(demo: Demo, pattern: re.Pattern[str], deadline: float) -> re.Match[str]:

@@ -145,6 +145,15 @@ sed 's/^/apply: /' /tmp/apply.log
 echo "modinfo: $(modinfo -n ip_vs) taint=$(cat /sys/module/ip_vs/taint)"
 echo "lport_min: $(ip netns exec lb cat /proc/sys/net/ipv4/vs/fullnat_lport_min)"
 ip netns exec lb /usr/sbin/ipvsadm-sp -S -n | sed 's/^/table: /'
+# The exporter's unit claims CAP_NET_ADMIN is all it needs: run its command as
+# nobody with only that capability, as systemd's DynamicUser would.
+exporter=$(sed -n 's/^ExecStart=//p' /lib/systemd/system/ipvs-synproxy-exporter.service)
+echo "exporter-unit: $exporter"
+ip netns exec lb setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=+net_admin \
+    --ambient-caps=+net_admin $exporter --once > /tmp/exporter.txt 2>&1 || echo "exporter-rc: $?"
+grep -E '^ipvs_synproxy_(up|service_info)' /tmp/exporter.txt | sed 's/^/exporter: /'
+ip netns exec lb setpriv --reuid=65534 --regid=65534 --clear-groups $exporter --once \
+    > /dev/null 2>&1 || echo "exporter-unprivileged-rc: $?"
 python -m tests.testbed.dkms_guest
 """
     # One vCPU: the install is a shell script, and two guests of two vCPUs each
@@ -178,6 +187,14 @@ python -m tests.testbed.dkms_guest
     assert "unit: /usr/sbin/ipvs-synproxy apply /etc/ipvs-synproxy/ipvs.yaml" in res.stdout
     assert re.search(r"^apply: applied$", res.stdout, re.M), res.stdout
     assert re.search(r"^lport_min: 2048$", res.stdout, re.M), res.stdout
+    assert "exporter-unit: /usr/sbin/ipvs-synproxy exporter" in res.stdout, res.stdout
+    assert "exporter-rc" not in res.stdout, res.stdout
+    assert re.search(r"^exporter: ipvs_synproxy_up 1\.0$", res.stdout, re.M), res.stdout
+    assert re.search(rf'^exporter: ipvs_synproxy_service_info{{vip="{topology.VIP4}",port="80",'
+                     r'protocol="tcp",scheduler="rr",syn_proxy="on"} 1\.0$', res.stdout,
+                     re.M), res.stdout
+    # without the capability the kernel refuses the read: no numbers, exit 1
+    assert re.search(r"^exporter-unprivileged-rc: 1$", res.stdout, re.M), res.stdout
     table = re.findall(r"^table: (.*)$", res.stdout, re.M)
     assert f"-A -t {topology.VIP4}:80 -s rr --synproxy" in table, table
     assert f"--laddr-add {topology.LADDRS4[0]} -t {topology.VIP4}:80" in table, table

@@ -9,6 +9,13 @@ off, and the guest's ``ipvs-synproxy adm -L -n`` must then show that server
 with weight 0 and the service without its ``synproxy`` flag (it had it
 before). Screenshots of each page go to build/test-results/screenshots/
 (emptied first, so a partial run leaves no old ones behind).
+
+The attack view (issue 20): with the SYN-proxy page open, a spoofed SYN flood
+starts on one SYN-proxy VIP (198.51.100.10:8000) in the guest; that VIP's badge
+must read "flood" within 10 s of the flood's start while the other SYN-proxy
+VIP's ([2001:db8:1::10]:80, real clients only) stays "calm"; after the flood
+stops the badge must clear, not before the hold time (FLOOD_CLEAR_S) and within
+hold + window + slack.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
+import re
 import secrets
 import shutil
 import socket
@@ -29,16 +38,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from werkzeug.security import generate_password_hash
 
 from ipvs_synproxy.build import apt, paths
+from ipvs_synproxy.exporter.series import FLOOD_CLEAR_S, FLOOD_SYN_RATE, FLOOD_WINDOW_S
 from tests.testbed.guestrun import GuestRun
+from tests.testbed.webui_guest import FLOOD_START, FLOOD_STOP
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C WebDriver element key
 RS = "192.0.2.11_80"
 SHOTS = paths.build_dir() / "test-results" / "screenshots"
+FLOODED = "tcp_198.51.100.10_8000"  # the guest floods this SYN-proxy service ...
+CALM = "tcp_2001:db8:1::10_80"  # ... and not this one (real clients only)
+FLAG_WITHIN = 10.0  # s from the flood's start to the badge (issue 20)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -196,6 +211,81 @@ def _service_line(adm: list[str], addr_port: str) -> list[str]:
     return next(ln.split() for ln in adm if addr_port in ln and ln.startswith("TCP"))
 
 
+def _badge(browser: WebDriver, sid: str) -> str | None:
+    return browser.attr(f'#attack .badge[data-service="{sid}"]', "data-state")
+
+
+def _nice_axis(browser: WebDriver, css: str) -> None:
+    """Every chart's y labels (found by ``css``) are 0 and steps of 1, 2 or 5 x 10^n,
+    with a K/M/G unit and "/s": never an odd top such as "3.1"."""
+    labels = [str(browser.cmd("GET", f"/element/{e}/text"))
+              for e in browser.find_all(css)[:40]]  # a few charts' worth
+    labels = [t for t in labels if t.endswith("/s")]
+    assert labels, f"no y-axis labels under {css}"
+    scale = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9}
+    values = []
+    for text in labels:
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]?)/s", text)
+        assert m, f"odd axis label {text!r}"
+        values.append(float(m.group(1)) * scale[m.group(2)])
+    for chart in (values[i:i + 2] for i in range(0, len(values) - 1)):
+        step = chart[1] - chart[0]
+        if chart[0] == 0 and step > 0:
+            lead = step / 10 ** math.floor(math.log10(step))
+            assert round(lead, 6) in (1, 2, 5), f"axis step {step} in {labels}"
+
+
+def _attack_view_flags_the_flooded_vip_and_clears(browser: WebDriver, guest: Guest,
+                                                   work: Path, shots: Path) -> int:
+    """Flood one SYN-proxy VIP in the guest; watch the attack view's badges. Returns
+    the SYNs the flood sent."""
+    _wait("the attack view's samples",
+          lambda: int(browser.attr("#attack", "data-samples") or 0) >= 4, timeout=60)
+    assert _badge(browser, FLOODED) == "calm" and _badge(browser, CALM) == "calm"
+    assert browser.attr(f'#attack .badge[data-service="{FLOODED}"]', "data-vip") == \
+        "198.51.100.10"
+    assert f"{FLOOD_SYN_RATE:g} SYNs/s" in browser.text("#flood-threshold")
+
+    (work / FLOOD_START).touch()
+    asked = time.monotonic()
+    _wait("the flood in the guest", lambda: "FLOOD STARTED" in guest.output(), timeout=120)
+    started = time.monotonic()
+    _wait("the flooded VIP's badge",
+          lambda: _badge(browser, FLOODED) == "flood", timeout=FLAG_WITHIN)
+    flagged = time.monotonic()
+    print(f"attack view: flagged {flagged - started:.1f} s after the guest said FLOOD STARTED "
+          f"({flagged - asked:.1f} s after the host asked for it)")
+    assert _badge(browser, CALM) == "calm", "the VIP that is not flooded was flagged"
+    # let the chart show a few seconds of it
+    for _ in range(6):
+        time.sleep(1)
+        assert _badge(browser, CALM) == "calm", "the VIP that is not flooded was flagged"
+    legend = browser.text(f'#attack .vip-card[data-service="{FLOODED}"] ul.legend')
+    _nice_axis(browser, f'#attack .vip-card[data-service="{FLOODED}"] svg .grid text')
+    browser.screenshot(shots / "06a-attack-flood.png")
+
+    (work / FLOOD_STOP).touch()
+    _wait("the flood to stop", lambda: "FLOOD STOPPING" in guest.output(), timeout=120)
+    stopped = time.monotonic()
+    _wait("the flood's figures", lambda: "FLOOD STOPPED" in guest.output(), timeout=120)
+    m = re.search(r"FLOOD STOPPED sent=(\d+) seconds=([\d.]+) pps=(\d+)", guest.output())
+    assert m, guest.output()[-2000:]
+    pps = int(m.group(3))
+    print(f"attack view: flood {m.group(0)}; legend while flooded: {legend!r}")
+    assert pps > FLOOD_SYN_RATE, f"the flood reached {pps} pps only: below the threshold"
+    assert _badge(browser, FLOODED) == "flood"
+    _wait("the badge to clear", lambda: _badge(browser, FLOODED) == "calm",
+          timeout=FLOOD_CLEAR_S + FLOOD_WINDOW_S + 15)
+    cleared = time.monotonic() - stopped
+    print(f"attack view: cleared {cleared:.1f} s after the flood stopped")
+    # held for the clear time after the last flooded window (at or after the flood's
+    # end), less the time the guest's word took to arrive and the page's polling
+    assert cleared >= FLOOD_CLEAR_S - 2, f"cleared {cleared:.1f} s after the flood: no hold"
+    assert _badge(browser, CALM) == "calm"
+    browser.screenshot(shots / "06b-attack-clear.png")
+    return int(m.group(1))
+
+
 def test_browser_logs_in_sees_services_drains_a_real_server_and_turns_the_syn_proxy_off(
         console: tuple[str, str, Guest, Path], browser: WebDriver) -> None:
     url, password, guest, stopfile = console
@@ -231,10 +321,18 @@ def test_browser_logs_in_sees_services_drains_a_real_server_and_turns_the_syn_pr
     _wait("chart samples",
           lambda: int(browser.attr("#ext-charts", "data-samples") or 0) >= 8, timeout=120)
     assert browser.find_all("#ext-charts .chart svg path.line")
+    browser.screenshot(shots / "06-synproxy.png")
+    # the per-counter charts are folded under "All extended counters"
+    browser.click("#ext-details summary")
     # FULLNAT traffic runs in the guest: its counter moves on the live page
     total = '#ext-totals tr[data-counter="fullnat_conn_new"] .total'
-    assert int(browser.text(total)) > 0
-    browser.screenshot(shots / "06-synproxy.png")
+    _wait("the FULLNAT counter", lambda: int(browser.text(total) or 0) > 0)
+    _nice_axis(browser, "#ext-charts .chart svg .grid text")
+    browser.screenshot(shots / "06-synproxy-details.png")
+    browser.click("#ext-details summary")
+
+    flood_sent = _attack_view_flags_the_flooded_vip_and_clears(browser, guest,
+                                                               stopfile.parent, shots)
 
     fnat = f"{url}/services/tcp_198.51.100.10_8000"
     browser.get(fnat)
@@ -254,7 +352,17 @@ def test_browser_logs_in_sees_services_drains_a_real_server_and_turns_the_syn_pr
 
     with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
         metrics = r.read().decode()
-    assert 'remote_address="192.0.2.11"' in metrics
+    # the exporter's series (ipvs_synproxy.exporter), per VIP; node_exporter's are gone
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(metrics) for s in fam.samples}
+    assert any(name == "ipvs_synproxy_real_server_weight" and
+               ("real_server", "192.0.2.11") in labels for name, labels in samples), metrics
+    flooded = samples[("ipvs_synproxy_syns_received_total", (
+        ("port", "8000"), ("protocol", "tcp"), ("vip", "198.51.100.10")))]
+    calm = samples[("ipvs_synproxy_syns_received_total", (
+        ("port", "80"), ("protocol", "tcp"), ("vip", "2001:db8:1::10")))]
+    assert flooded >= flood_sent / 2 > calm, (flooded, flood_sent, calm)
+    assert "node_ipvs_" not in metrics
 
     stopfile.touch()
     guest.proc.wait(300)

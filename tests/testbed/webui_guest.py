@@ -8,8 +8,16 @@ trickle of client requests, serves the console on 0.0.0.0:PORT of the guest
 (the only way in is the host's 127.0.0.1:PORT forward), prints
 ``ipvs-synproxy adm -L -n`` of ``lb`` between ``--- adm before`` markers, then
 ``CONSOLE READY``, and waits for STOPFILE. Then it prints the listing again
-between ``--- adm`` markers and exits. The FULLNAT service (port 8000) starts
-with the SYN-proxy flag.
+between ``--- adm`` markers and exits. Two services start with the SYN-proxy
+flag: the FULLNAT one (198.51.100.10:8000) and the IPv6 NAT one
+([2001:db8:1::10]:80), each with its trickle of real clients.
+
+The attack view's flood: when FLOOD_START appears beside STOPFILE, a spoofed
+SYN flood (:mod:`ipvs_synproxy_testbed.flood`, trafgen in the ``client``
+namespace, sources from the client segment's spoof pool, unpaced) hits
+198.51.100.10:8000 and ``FLOOD STARTED`` is printed; when FLOOD_STOP appears it
+stops (``FLOOD STOPPING`` as trafgen is told to) and ``FLOOD STOPPED sent=N
+seconds=S pps=P`` says what it sent.
 """
 
 from __future__ import annotations
@@ -25,15 +33,17 @@ import urllib.request
 
 from ipvs_synproxy.kernel.model import Dest, FwdMethod, Service
 from ipvs_synproxy.kernel.netlink import IPVS, IPVS_CMD_NEW_LADDR
-from ipvs_synproxy_testbed import netns, peers, topology
+from ipvs_synproxy_testbed import flood, netns, peers, topology
 from ipvs_synproxy_testbed.guestnic import nic_up
 
 IP = ipaddress.ip_address
+FLOOD_START, FLOOD_STOP = "flood-start", "flood-stop"  # files beside STOPFILE
+FLOOD_PORT = 8000  # the FULLNAT SYN-proxy service on VIP4
 
 
 def services() -> None:
     web4 = Service(addr=IP(topology.VIP4), port=80, scheduler="wrr")
-    web6 = Service(addr=IP(topology.VIP6), port=80, scheduler="rr")
+    web6 = Service(addr=IP(topology.VIP6), port=80, scheduler="rr", synproxy=True)
     with IPVS("lb") as ipvs:
         for svc, rs in ((web4, topology.RS4), (web6, topology.RS6)):
             ipvs.add_service(svc)
@@ -76,6 +86,7 @@ def main(argv: list[str]) -> int:
                for addr in (topology.RS4[rs], topology.RS6[rs])]
     stop = threading.Event()
     threading.Thread(target=traffic, args=(stop,), daemon=True).start()
+    syn_flood: flood.Flood | None = None
     # plain HTTP on the guest's NIC: its only peer is QEMU's forward from the
     # host's 127.0.0.1, so --insecure-listen exposes nothing
     console = subprocess.Popen([sys.executable, "-m", "ipvs_synproxy.cli", "webui",
@@ -95,11 +106,24 @@ def main(argv: list[str]) -> int:
         print_adm("--- adm before")
         print("CONSOLE READY", flush=True)
         deadline = time.monotonic() + 900
+        here = os.path.dirname(stopfile)
         while not os.path.exists(stopfile) and time.monotonic() < deadline:
-            time.sleep(0.5)
+            if syn_flood is None and os.path.exists(os.path.join(here, FLOOD_START)):
+                # unpaced: trafgen's pacing tops out below 1000 pps under TCG
+                syn_flood = flood.Flood("syn", target=topology.VIP4, port=FLOOD_PORT).start()
+                print("FLOOD STARTED", flush=True)
+            if syn_flood is not None and syn_flood.result is None and \
+                    os.path.exists(os.path.join(here, FLOOD_STOP)):
+                print("FLOOD STOPPING", flush=True)
+                res = syn_flood.stop()
+                print(f"FLOOD STOPPED sent={res.sent} seconds={res.seconds:.2f} "
+                      f"pps={res.pps:.0f}", flush=True)
+            time.sleep(0.2)
         print_adm("--- adm")
         return 0
     finally:
+        if syn_flood is not None:
+            syn_flood.stop()
         stop.set()
         console.terminate()
         console.wait(10)

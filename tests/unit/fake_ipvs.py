@@ -1,15 +1,23 @@
 """An in-memory stand-in for :class:`ipvs_synproxy.kernel.netlink.IPVS` and the sysctls,
 strict like the kernel (adding what exists or removing what does not fails),
-with a switch to make one chosen operation fail."""
+with a switch to make one chosen operation fail.
+
+A SYN-proxy service has per-service counters (``Service.sp_stats`` as
+:meth:`FakeKernel.services` lists it, kernel 0028): all zero from when the SYN
+proxy is first on, kept when it is turned off again, gone with the service,
+moved by :meth:`FakeKernel.bump_sp_stats`; ``has_sp_stats=False`` is a kernel
+without them (every ``sp_stats`` None). :meth:`FakeKernel.state` leaves them out."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ipvs_synproxy.config.state import ServiceState, State
+from ipvs_synproxy.exporter.series import SERVICE_EXT
 from ipvs_synproxy.kernel import netlink
 from ipvs_synproxy.kernel import sysctl as sysctl_mod
-from ipvs_synproxy.kernel.model import Dest, IPAddress, Laddr, Service
+from ipvs_synproxy.kernel.model import Dest, IPAddress, Laddr, Service, SyncDaemon
 
 
 @dataclass
@@ -24,6 +32,9 @@ class FakeKernel:
     has_secret: bool = False
     secret: bytes | None = None
     netns: str | None = None
+    has_sp_stats: bool = True
+    sp_stats_: dict[object, dict[str, int]] = field(default_factory=dict)
+    daemons_: list[SyncDaemon] = field(default_factory=list)
 
     # -- construction
 
@@ -33,6 +44,8 @@ class FakeKernel:
         for st in state.services:
             key = st.service.key()
             k.services_[key] = st.service
+            if st.service.sp_stats is not None:
+                k.sp_stats_[key] = dict(st.service.sp_stats)
             k.dests_[key] = list(st.dests)
             k.laddrs_[key] = list(st.laddrs)
         k.knobs = {n: v for n, v in state.sysctls.items() if v is not None}
@@ -72,7 +85,23 @@ class FakeKernel:
         return cmd == netlink.IPVS_CMD_GET_EXT_STATS
 
     def services(self) -> list[Service]:
-        return list(self.services_.values())
+        out = []
+        for key, svc in self.services_.items():
+            if svc.synproxy:  # the kernel allocates them when the flag goes on
+                self.sp_stats_.setdefault(key, dict.fromkeys(SERVICE_EXT, 0))
+            sp = self.sp_stats_.get(key) if self.has_sp_stats else None
+            out.append(dataclasses.replace(svc, sp_stats=dict(sp) if sp is not None else None)
+                       if sp is not None or svc.sp_stats is not None else svc)
+        return out
+
+    def bump_sp_stats(self, svc: Service, **counts: int) -> None:
+        """Move a service's SYN-proxy counters by ``counts`` (by their ext names), as
+        the kernel's datapath would."""
+        stats = self.sp_stats_.setdefault(self._svc(svc), dict.fromkeys(SERVICE_EXT, 0))
+        for name, n in counts.items():
+            if name not in stats:
+                raise KeyError(f"no per-service counter {name!r}")
+            stats[name] += n
 
     def dests(self, svc: Service) -> list[Dest]:
         return list(self.dests_[self._svc(svc)])
@@ -82,6 +111,9 @@ class FakeKernel:
 
     def ext_stats(self) -> dict[str, int]:
         return {"fullnat_conn_new": 7, "fullnat_no_laddr": 0}
+
+    def daemons(self) -> list[SyncDaemon]:
+        return list(self.daemons_)
 
     def add_service(self, svc: Service) -> None:
         self._call(f"add_service:{svc}")
@@ -99,6 +131,7 @@ class FakeKernel:
         self._call(f"del_service:{svc}")
         key = self._svc(svc)
         del self.services_[key], self.dests_[key], self.laddrs_[key]
+        self.sp_stats_.pop(key, None)
 
     def _find(self, svc: Service, dest: Dest) -> tuple[list[Dest], int | None]:
         lst = self.dests_[self._svc(svc)]

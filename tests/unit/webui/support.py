@@ -91,7 +91,7 @@ def weight(kernel: Kernel, svc: Service = SVC, rid: str = RID1) -> int | None:
 
 BEARER = {"Authorization": f"Bearer bot:{TOKEN}"}
 PAGES = ["/", f"/services/{SID}", f"/services/{SID6}", "/synproxy", "/sysctl"]
-API_GETS = ["/api/services", f"/api/services/{SID}", "/api/ext-stats", "/api/sysctl",
+API_GETS = ["/api/services", f"/api/services/{SID}", "/api/ext-stats", "/api/attack", "/api/sysctl",
             "/api/openapi.json", "/api/whoami"]
 FORM_ACTIONS = [
     (f"/services/{SID}/rs/{RID1}/weight", {"weight": "7"}),
