@@ -112,12 +112,32 @@ class WebDriver:
     def click(self, css: str) -> None:
         self.cmd("POST", f"/element/{self.find(css)}/click", {})
 
+    def _of_element(self, css: str, what: str) -> Any:
+        """GET something of the element ``css`` finds. The live pages redraw their
+        charts and tables every second: an element found just before a redraw is
+        stale by the time it is read, so find it again (a few times at most)."""
+        for attempt in range(5):
+            try:
+                return self.cmd("GET", f"/element/{self.find(css)}/{what}")
+            except AssertionError as exc:
+                if "stale element" not in str(exc) or attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
     def text(self, css: str) -> str:
-        return str(self.cmd("GET", f"/element/{self.find(css)}/text"))
+        return str(self._of_element(css, "text"))
 
     def attr(self, css: str, name: str) -> str | None:
-        value = self.cmd("GET", f"/element/{self.find(css)}/attribute/{name}")
+        value = self._of_element(css, f"attribute/{name}")
         return None if value is None else str(value)
+
+    def texts(self, css: str, limit: int = 40) -> list[str]:
+        """The text of every element ``css`` finds, read in one script run: no
+        element can go stale between the find and the read."""
+        return [str(t) for t in self.cmd("POST", "/execute/sync", {
+            "script": "return Array.from(document.querySelectorAll(arguments[0]))"
+                      ".slice(0, arguments[1]).map(e => e.textContent.trim());",
+            "args": [css, limit]})]
 
     def url(self) -> str:
         return str(self.cmd("GET", "/url"))
@@ -218,8 +238,7 @@ def _badge(browser: WebDriver, sid: str) -> str | None:
 def _nice_axis(browser: WebDriver, css: str) -> None:
     """Every chart's y labels (found by ``css``) are 0 and steps of 1, 2 or 5 x 10^n,
     with a K/M/G unit and "/s": never an odd top such as "3.1"."""
-    labels = [str(browser.cmd("GET", f"/element/{e}/text"))
-              for e in browser.find_all(css)[:40]]  # a few charts' worth
+    labels = browser.texts(css, 40)  # a few charts' worth
     labels = [t for t in labels if t.endswith("/s")]
     assert labels, f"no y-axis labels under {css}"
     scale = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9}
