@@ -93,6 +93,14 @@ def set_weight(sid: str, rid: str) -> ResponseReturnValue:
                            lambda c: c.set_weight(sid, rid, weight)))
 
 
+@bp.route("/services/<sid>/real-servers/<rid>/proxy-protocol", methods=["PUT"])
+@admin_required
+def set_proxy_protocol(sid: str, rid: str) -> ResponseReturnValue:
+    value = _body({"proxy_protocol": str}).get("proxy_protocol")
+    return jsonify(perform("set_proxy_protocol", f"{sid}/{rid}", {"proxy_protocol": value},
+                           lambda c: c.set_proxy_protocol(sid, rid, value)))
+
+
 @bp.route("/services/<sid>/real-servers/<rid>/drain", methods=["POST"])
 @admin_required
 def drain(sid: str, rid: str) -> ResponseReturnValue:
@@ -103,11 +111,14 @@ def drain(sid: str, rid: str) -> ResponseReturnValue:
 @bp.route("/services/<sid>/real-servers", methods=["POST"])
 @admin_required
 def add_dest(sid: str) -> ResponseReturnValue:
-    body = _body({"addr": str, "port": int, "weight": int, "forward": str})
-    params = {k: body.get(k) for k in ("addr", "port", "weight", "forward")}
+    body = _body({"addr": str, "port": int, "weight": int, "forward": str,
+                  "proxy_protocol": str})
+    params = {k: body.get(k) for k in ("addr", "port", "weight", "forward",
+                                       "proxy_protocol")}
     res = perform("add_real_server", sid, params,
                   lambda c: c.add_dest(sid, body.get("addr"), body.get("port"),
-                                       body.get("weight", 1), body.get("forward")))
+                                       body.get("weight", 1), body.get("forward"),
+                                       body.get("proxy_protocol")))
     return jsonify(res), 201
 
 

@@ -12,9 +12,11 @@ from webui.actions import console, perform
 from webui.auth import admin_required
 from webui.service import (
     FWD_CHOICES,
+    PROXY_CHOICES,
     InputError,
     NotFoundError,
     parse_bool,
+    parse_proxy_protocol,
     parse_weight,
 )
 
@@ -29,7 +31,7 @@ def overview() -> ResponseReturnValue:
 @bp.route("/services/<sid>")
 def service(sid: str) -> ResponseReturnValue:
     return render_template("service.html", svc=console().service(sid),
-                           fwd_choices=FWD_CHOICES)
+                           fwd_choices=FWD_CHOICES, proxy_choices=PROXY_CHOICES)
 
 
 @bp.route("/synproxy")
@@ -74,6 +76,23 @@ def set_weight(sid: str, rid: str) -> ResponseReturnValue:
     return _done(sid, f"Weight of {dest['addr']}:{dest['port']} set to {weight}.")
 
 
+@bp.route("/services/<sid>/rs/<rid>/proxy-protocol", methods=["POST"])
+@admin_required
+def set_proxy_protocol(sid: str, rid: str) -> ResponseReturnValue:
+    pp = str(parse_proxy_protocol(request.form.get("proxy_protocol")))
+    svc, dest = console().dest(sid, rid)
+    if not _confirmed():
+        return _confirm("PROXY protocol",
+                        f"Set the PROXY protocol header of real server "
+                        f"{dest['addr']}:{dest['port']} of {svc['name']} from "
+                        f"{dest['proxy_protocol']} to {pp}? New connections only; the "
+                        "server must accept exactly that (e.g. nginx's listen … "
+                        "proxy_protocol).", {"proxy_protocol": pp})
+    perform("set_proxy_protocol", f"{sid}/{rid}", {"proxy_protocol": pp},
+            lambda c: c.set_proxy_protocol(sid, rid, pp))
+    return _done(sid, f"PROXY protocol of {dest['addr']}:{dest['port']} set to {pp}.")
+
+
 @bp.route("/services/<sid>/rs/<rid>/drain", methods=["POST"])
 @admin_required
 def drain(sid: str, rid: str) -> ResponseReturnValue:
@@ -105,14 +124,16 @@ def delete_dest(sid: str, rid: str) -> ResponseReturnValue:
 def add_dest(sid: str) -> ResponseReturnValue:
     f = request.form
     params = {"addr": f.get("addr", "").strip(), "port": f.get("port", "").strip(),
-              "weight": f.get("weight", "1").strip(), "forward": f.get("forward", "")}
+              "weight": f.get("weight", "1").strip(), "forward": f.get("forward", ""),
+              "proxy_protocol": f.get("proxy_protocol", "")}
     args = (params["addr"], params["port"] or None, params["weight"],
-            params["forward"] or None)
+            params["forward"] or None, params["proxy_protocol"] or None)
     svc, dest = console().check_new_dest(sid, *args)
     if not _confirmed():
         return _confirm("Add real server",
                         f"Add real server {dest['addr']}:{dest['port']} ({dest['forward']}, "
-                        f"weight {dest['weight']}) to {svc['name']}?", params)
+                        f"weight {dest['weight']}, PROXY protocol {dest['proxy_protocol']}) "
+                        f"to {svc['name']}?", params)
     res = perform("add_real_server", sid, params, lambda c: c.add_dest(sid, *args))
     return _done(sid, f"Real server {res['real_server']} added.")
 

@@ -24,15 +24,18 @@ from ipvs_synproxy.exporter import collector, series
 from ipvs_synproxy.kernel import netlink
 from ipvs_synproxy.kernel import sysctl as sysctl_mod
 from ipvs_synproxy.kernel.model import (
+    PROXY_PROTOCOL_NAMES,
     Dest,
     Family,
     FwdMethod,
     IPAddress,
     Laddr,
     ModelError,
+    ProxyProtocol,
     Service,
     Stats,
     make_dest,
+    proxy_protocol_error,
 )
 from webui import validate
 
@@ -131,6 +134,11 @@ def parse_weight(value: object) -> int:
     return int(_checked(validate.integer, value, "weight", 0, WEIGHT_MAX))
 
 
+def parse_proxy_protocol(value: object) -> ProxyProtocol:
+    """A PROXY protocol setting from a form or JSON: off, v1 or v2."""
+    return ProxyProtocol(_checked(validate.proxy_protocol, value))
+
+
 def parse_bool(value: object, field: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -147,6 +155,19 @@ def parse_port(value: object, field: str = "port") -> int:
 
 
 FWD_CHOICES = ("masq", "route", "tunnel", "fullnat")
+PROXY_CHOICES = PROXY_PROTOCOL_NAMES
+
+
+def _with_proxy_protocol(svc: Service, dest: Dest, pp: ProxyProtocol) -> Dest:
+    """``dest`` with PROXY setting ``pp``, or InputError: v1/v2 need a FULLNAT real
+    server of a TCP (or fwmark) service."""
+    try:
+        new = dataclasses.replace(dest, proxy_protocol=pp)
+    except ModelError as exc:
+        raise InputError(f"proxy_protocol: {exc.message}", "proxy_protocol") from None
+    if why := proxy_protocol_error(svc, new):
+        raise InputError(f"proxy_protocol: {why}", "proxy_protocol")
+    return new
 
 
 # ---- reading ------------------------------------------------------------------------------
@@ -171,6 +192,7 @@ def stats_dict(s: Stats | None) -> dict[str, int]:
 def dest_dict(dest: Dest) -> dict[str, Any]:
     return {"id": dest_id(dest), "addr": str(dest.addr), "port": dest.port,
             "forward": dest.fwd.name.lower(), "weight": dest.weight,
+            "proxy_protocol": str(dest.proxy_protocol),
             "upper_threshold": dest.u_thresh, "lower_threshold": dest.l_thresh,
             "active_conns": dest.active_conns, "inactive_conns": dest.inact_conns,
             "persistent_conns": dest.persist_conns, "health": health(dest),
@@ -565,9 +587,24 @@ class ConsoleService:
         return {"service": sid, "real_server": rid, "old_weight": dest.weight,
                 "weight": w}
 
+    def set_proxy_protocol(self, sid: str, rid: str, value: object) -> dict[str, Any]:
+        """The PROXY protocol header of a FULLNAT real server of a TCP (or fwmark)
+        service: off, v1 or v2. Anything else is refused before the kernel sees it."""
+        pp = parse_proxy_protocol(value)
+        with self._kernel() as k:
+            svc = self._find(k, sid, InputError)
+            dest = self._find_dest(k, svc, rid)
+            new = _with_proxy_protocol(svc, dest, pp)
+            if new.proxy_protocol != dest.proxy_protocol:
+                k.edit_dest(svc, new)
+        return {"service": sid, "real_server": rid,
+                "old_proxy_protocol": str(dest.proxy_protocol), "proxy_protocol": str(pp)}
+
     def _new_dest(self, k: Kernel, svc: Service, addr: object, port: object,
-                  weight: object, forward: object) -> Dest:
+                  weight: object, forward: object, proxy_protocol: object = None) -> Dest:
         w = parse_weight(weight)
+        pp = ProxyProtocol.OFF if proxy_protocol in (None, "") \
+            else parse_proxy_protocol(proxy_protocol)
         address = _checked(validate.real_server_address, addr,
                            allow_loopback=self.allow_loopback)
         if forward not in (None, "", *FWD_CHOICES):
@@ -585,25 +622,27 @@ class ConsoleService:
                              "(only tunnel forwarding may mix families)", "addr")
         if any((d.addr, d.port) == (dest.addr, dest.port) for d in existing):
             raise ConflictError(f"service {svc} already has real server {dest}")
-        return dest
+        return _with_proxy_protocol(svc, dest, pp)
 
     def check_new_dest(self, sid: str, addr: object, port: object = None,
-                       weight: object = 1, forward: object = None
+                       weight: object = 1, forward: object = None,
+                       proxy_protocol: object = None
                        ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Validate a new real server without adding it (for the confirm step)."""
         with self._kernel() as k:
             svc = self._find(k, sid, InputError)
-            dest = self._new_dest(k, svc, addr, port, weight, forward)
+            dest = self._new_dest(k, svc, addr, port, weight, forward, proxy_protocol)
         return service_dict(svc, []), dest_dict(dest)
 
     def add_dest(self, sid: str, addr: object, port: object = None, weight: object = 1,
-                 forward: object = None) -> dict[str, Any]:
+                 forward: object = None, proxy_protocol: object = None) -> dict[str, Any]:
         with self._kernel() as k:
             svc = self._find(k, sid, InputError)
-            dest = self._new_dest(k, svc, addr, port, weight, forward)
+            dest = self._new_dest(k, svc, addr, port, weight, forward, proxy_protocol)
             k.add_dest(svc, dest)
         return {"service": sid, "real_server": dest_id(dest), "weight": dest.weight,
-                "forward": dest.fwd.name.lower()}
+                "forward": dest.fwd.name.lower(),
+                "proxy_protocol": str(dest.proxy_protocol)}
 
     def del_dest(self, sid: str, rid: str) -> dict[str, Any]:
         with self._kernel() as k:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from ipvs_synproxy.kernel.model import IPAddress
+from ipvs_synproxy.kernel.model import PROXY_PROTOCOL_NAMES, IPAddress, ProxyProtocol
 
 _DIGITS = re.compile(r"[0-9]{1,12}", re.ASCII)  # no "²", "٣" or "1_000": int() takes those
 _SIGNED = re.compile(r"-?[0-9]{1,12}", re.ASCII)
@@ -81,6 +81,14 @@ def real_server_address(value: object, field: str = "addr", *,
         raise Invalid(field, f"{addr} is a loopback address (allow_loopback_real_servers "
                              "to use one)")
     return addr
+
+
+def proxy_protocol(value: object, field: str = "proxy_protocol") -> ProxyProtocol:
+    """A PROXY protocol setting: the string off, v1 or v2 (any case)."""
+    if not isinstance(value, str) or value.strip().lower() not in PROXY_PROTOCOL_NAMES:
+        raise Invalid(field, f"must be one of {', '.join(PROXY_PROTOCOL_NAMES)}, "
+                             f"got {value!r}")
+    return ProxyProtocol.parse(value, field)
 
 
 def password_hash(value: str, field: str = "password_hash") -> str:

@@ -37,6 +37,7 @@ from ipvs_synproxy.kernel.model import (
     IPAddress,
     ModelError,
     Protocol,
+    ProxyProtocol,
     Service,
     SyncDaemon,
     Timeouts,
@@ -57,7 +58,7 @@ OPTION_NAMES = (
     "persistent-conn", "nosort", "syncid", "exact", "ops", "pe", "sched-flags",
     "mcast-group", "mcast-port", "mcast-ttl", "sync-maxlen", "tun-info", "tun-type",
     "tun-port", "tun-nocsum", "tun-csum", "tun-remcsum",
-    "synproxy",
+    "synproxy", "proxy-protocol", "proxy-info",
 )
 
 # Per command: the options it accepts ("+" required, "1" at most one of these,
@@ -66,7 +67,8 @@ _SVC_OPTS = {"service-address": "+", "scheduler": " ", "persistent": " ", "netma
              "ops": " ", "pe": " ", "sched-flags": " ", "synproxy": " "}
 _DEST_OPTS = {"service-address": "+", "real-server": "+", "forwarding-method": " ",
               "weight": " ", "u-threshold": " ", "l-threshold": " ", "tun-type": " ",
-              "tun-port": " ", "tun-nocsum": " ", "tun-csum": " ", "tun-remcsum": " "}
+              "tun-port": " ", "tun-nocsum": " ", "tun-csum": " ", "tun-remcsum": " ",
+              "proxy-protocol": " "}
 COMMANDS: dict[str, dict[str, str]] = {
     "add-service": _SVC_OPTS,
     "edit-service": _SVC_OPTS,
@@ -75,7 +77,7 @@ COMMANDS: dict[str, dict[str, str]] = {
     "list": {"numeric": " ", "connection": "1", "service-address": "1", "timeout": "1",
              "daemon": "1", "stats": " ", "rate": " ", "thresholds": " ",
              "persistent-conn": " ", "nosort": " ", "syncid": " ", "exact": " ",
-             "tun-info": " "},
+             "tun-info": " ", "proxy-info": " "},
     "add-server": _DEST_OPTS,
     "delete-server": {"service-address": "+", "real-server": "+"},
     "edit-server": _DEST_OPTS,
@@ -132,6 +134,8 @@ _LONG: dict[str, _Opt] = {
     "fullnat": _Opt("fullnat", "none"), "synproxy": _Opt("synproxy", "none"),
     "no-synproxy": _Opt("no-synproxy", "none"), "laddr-add": _Opt("laddr-add", "required"),
     "laddr-del": _Opt("laddr-del", "required"), "laddr-list": _Opt("laddr-list", "none"),
+    "proxy-protocol": _Opt("proxy-protocol", "required"),
+    "proxy-info": _Opt("proxy-info", "none"),
 }
 _SHORT: dict[str, _Opt] = {o.key: o for o in _LONG.values() if len(o.key) == 1}
 _SHORT["l"] = _Opt("L", "none")
@@ -177,6 +181,7 @@ class _Raw:
     tun_type: int = 0
     tun_port: int = 0
     tun_flags: int = 0
+    proxy_protocol: ProxyProtocol = ProxyProtocol.OFF
     sched_flags_arg: str = ""
     daemon: dict[str, object] = field(default_factory=dict)  # SyncDaemon fields
     options: list[str] = field(default_factory=list)
@@ -481,7 +486,8 @@ def _apply_option(raw: _Raw, spelling: str, key: str, arg: str | None) -> None:
         _daemon_option(raw, key, arg or "")
     elif key in ("timeout", "daemon"):
         _set_option(raw, key)
-    elif key in ("stats", "rate", "thresholds", "persistent-conn", "nosort", "tun-info"):
+    elif key in ("stats", "rate", "thresholds", "persistent-conn", "nosort", "tun-info",
+                 "proxy-info"):
         _set_option(raw, key)
         raw.fmt[key.replace("-", "_")] = True
     elif key == "sort":
@@ -520,6 +526,12 @@ def _apply_option(raw: _Raw, spelling: str, key: str, arg: str | None) -> None:
     elif key in ("synproxy", "no-synproxy"):
         _set_option(raw, "synproxy")
         raw.synproxy = key == "synproxy"
+    elif key == "proxy-protocol":
+        _set_option(raw, "proxy-protocol")
+        try:
+            raw.proxy_protocol = ProxyProtocol.parse(arg, "--proxy-protocol")
+        except ModelError as exc:
+            raise AdmUsageError(f"--proxy-protocol: {exc.message}") from None
     else:  # a second command
         raise AdmUsageError(f"invalid option `{spelling}'")
 
@@ -609,6 +621,7 @@ def parse(argv: Sequence[str]) -> AdmCommand:
         if tun_opts & set(raw.options) and raw.fwd is not FwdMethod.TUNNEL:
             raise AdmUsageError("Tunnel options conflict with forward method")
         _check_tunnel_options(raw)
+        _check_proxy_protocol(raw)
     if command == "list":
         opts = set(raw.options)
         if (opts & {"connection", "timeout", "daemon"}
@@ -633,6 +646,23 @@ def parse(argv: Sequence[str]) -> AdmCommand:
                       fmt=Format(**raw.fmt), service=_service_of(raw, command),
                       dest=_dest_of(raw, command), timeouts=timeouts, laddr=laddr,
                       daemon_state=state, daemon=daemon)
+
+
+def _check_proxy_protocol(raw: _Raw) -> None:
+    """v1/v2 only for FULLNAT real servers of TCP (or fwmark) services; ``off``
+    is accepted with any method (it is what every other real server has)."""
+    pp = raw.proxy_protocol
+    if pp is ProxyProtocol.OFF:
+        return
+    if raw.fwd is not FwdMethod.FULLNAT:
+        method = {FwdMethod.MASQ: "-m", FwdMethod.ROUTE: "-g",
+                  FwdMethod.TUNNEL: "-i"}.get(raw.fwd, raw.fwd.name.lower())
+        raise AdmUsageError(f"--proxy-protocol {pp}: the PROXY protocol header needs "
+                            f"FULLNAT forwarding (--fullnat), not {method}")
+    if not raw.fwmark and raw.protocol is not Protocol.TCP:
+        proto = (raw.protocol or Protocol.TCP).name
+        raise AdmUsageError(f"--proxy-protocol {pp}: the PROXY protocol header is for TCP "
+                            f"services only, not {proto}")
 
 
 def _check_tunnel_options(raw: _Raw) -> None:
@@ -708,7 +738,8 @@ def _dest_of(raw: _Raw, command: str) -> Dest | None:
         dest = make_dest(source="-r", addr=raw.d_addr, port=raw.d_port, fwd=int(raw.fwd),
                          weight=raw.weight, u_thresh=raw.u_thresh, l_thresh=raw.l_thresh)
         return dataclasses.replace(dest, tun_type=TunnelType(raw.tun_type),
-                                   tun_port=raw.tun_port, tun_flags=raw.tun_flags)
+                                   tun_port=raw.tun_port, tun_flags=raw.tun_flags,
+                                   proxy_protocol=raw.proxy_protocol)
     except ModelError as exc:
         flag = {"u_thresh": "-x", "l_thresh": "-y", "weight": "-w"}.get(exc.field, "-r")
         raise AdmUsageError(f"{flag}: {exc.message}") from None

@@ -62,6 +62,7 @@ class Format:
     nosort: bool = False
     exact: bool = False
     tun_info: bool = False
+    proxy_info: bool = False
 
 
 @dataclass(frozen=True)

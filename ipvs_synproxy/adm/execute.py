@@ -23,6 +23,13 @@ Extensions (long options only, so no upstream option changes meaning):
   ``--laddr-list [-t|-u|-f …]``: FULLNAT local addresses. ``-S`` emits one
   ``--laddr-add ADDR -t VIP:PORT`` line per local address after the service's
   real servers, and ``-R`` reads all of it back.
+* ``--proxy-protocol off|v1|v2`` for ``-a``/``-e`` of a FULLNAT real server of a
+  TCP or fwmark service: the PROXY protocol header the real server gets first
+  (docs/proxy-protocol.md). ``-e`` without it keeps the real server's current
+  setting (so ``-e … -w 0`` to drain never strips the header a server
+  requires). ``-S`` appends ``--proxy-protocol v1|v2`` to the ``-a`` line.
+  ``-L`` keeps ipvsadm's columns; ``-L --proxy-info`` adds a ``Proxy`` column
+  (off/v1/v2, n/a for other methods) after Forward (and TunnelInfo).
 
 Known differences from ipvsadm 1.31: every usage error exits with status 2
 (ipvsadm uses 255 for popt errors such as an unknown option or a missing
@@ -171,6 +178,12 @@ def usage_text(prog: str) -> str:
         "  --laddr-add address                 add a FULLNAT local address to a service\n"
         "  --laddr-del address                 delete a FULLNAT local address\n"
         "  --laddr-list                        list local addresses and their counters\n"
+        "  --proxy-protocol off|v1|v2          PROXY protocol header to the real server\n"
+        "                                      (with -a/-e, FULLNAT, TCP or fwmark\n"
+        "                                      services; -e without it keeps the\n"
+        "                                      current setting; saved by -S)\n"
+        "  --proxy-info                        -L: add a Proxy column (off, v1, v2;\n"
+        "                                      n/a when not FULLNAT) after Forward\n"
     )
 
 
@@ -250,6 +263,16 @@ class _Runner:
         return None
 
 
+    def _current_proxy_protocol(self, svc: Service, dest: Dest) -> Dest:
+        """``dest`` with the PROXY setting the kernel has for it now: an ``-e``
+        that does not mention --proxy-protocol leaves it as it is."""
+        if dest.fwd is not FwdMethod.FULLNAT:
+            return dest
+        for cur in self.ipvs.dests(svc):
+            if (cur.addr, cur.port) == (dest.addr, dest.port):
+                return dataclasses.replace(dest, proxy_protocol=cur.proxy_protocol)
+        return dest  # the edit itself reports the missing real server
+
     def _entries(self, services: list[Service], with_laddrs: bool
                  ) -> list[tuple[Service, Sequence[Dest], Sequence[Laddr]]]:
         laddrs_ok = with_laddrs and self.ipvs.supports(IPVS_CMD_GET_LADDR)
@@ -316,7 +339,10 @@ class _Runner:
         elif c == "add-server":
             self.ipvs.add_dest(_need(cmd.service), _need(cmd.dest))
         elif c == "edit-server":
-            self.ipvs.edit_dest(_need(cmd.service), _need(cmd.dest))
+            svc, dest = _need(cmd.service), _need(cmd.dest)
+            if "proxy-protocol" not in cmd.options:
+                dest = self._current_proxy_protocol(svc, dest)
+            self.ipvs.edit_dest(svc, dest)
         elif c == "delete-server":
             self.ipvs.del_dest(_need(cmd.service), _need(cmd.dest))
         elif c == "set":

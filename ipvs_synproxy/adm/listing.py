@@ -27,6 +27,7 @@ from ipvs_synproxy.kernel.model import (
     IPAddress,
     Laddr,
     Protocol,
+    ProxyProtocol,
     Service,
     Stats,
     SyncDaemon,
@@ -176,11 +177,12 @@ def format_title(fmt: Format) -> str:
     if fmt.persistent_conn:
         return (f"{'Prot LocalAddress:Port':<33s} {'Weight':<9s} {'PersistConn':<11s} "
                 f"{'ActiveConn':<10s} {'InActConn':<10s}\n  -> RemoteAddress:Port\n")
-    if fmt.tun_info:
-        return ("Prot LocalAddress:Port Scheduler Flags\n  -> RemoteAddress:Port           "
-                "Forward TunnelInfo    Weight ActiveConn InActConn\n")
     if fmt.rule:
         return ""
+    if fmt.tun_info or fmt.proxy_info:
+        return ("Prot LocalAddress:Port Scheduler Flags\n  -> RemoteAddress:Port           "
+                "Forward " + ("TunnelInfo    " if fmt.tun_info else "")
+                + ("Proxy " if fmt.proxy_info else "") + "Weight ActiveConn InActConn\n")
     return ("Prot LocalAddress:Port Scheduler Flags\n"
             "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n")
 
@@ -193,6 +195,11 @@ def _tun_info(dest: Dest) -> str:
     if dest.tun_type is TunnelType.GRE:
         return f"gre:{TUN_FLAG_NAMES.get(dest.tun_flags, '')}"
     return "ipip"
+
+
+def _proxy_info(dest: Dest) -> str:
+    """The PROXY column: off/v1/v2 for a FULLNAT real server, n/a for the others."""
+    return str(dest.proxy_protocol) if dest.fwd is FwdMethod.FULLNAT else "n/a"
 
 
 def _service_line(svc: Service, fmt: Format, name: str) -> str:
@@ -246,6 +253,8 @@ def _dest_line(svc_name: str, svc: Service, dest: Dest, fmt: Format) -> str:
                 line += f" --tun-port {dest.tun_port}"
             if dest.tun_type is not TunnelType.IPIP:
                 line += f" {TUN_FLAG_OPTS.get(dest.tun_flags, '')}"
+        if dest.proxy_protocol is not ProxyProtocol.OFF:
+            line += f" --proxy-protocol {dest.proxy_protocol}"
         return line
     if fmt.stats:
         return f"  -> {dname:<28s}" + "".join(
@@ -261,9 +270,11 @@ def _dest_line(svc_name: str, svc: Service, dest: Dest, fmt: Format) -> str:
     if fmt.persistent_conn:
         return (f"  -> {dname:<28s} {dest.weight:<9d} {dest.persist_conns:<11d} "
                 f"{dest.active_conns:<10d} {dest.inact_conns:<10d}")
-    if fmt.tun_info:
-        return (f"  -> {dname:<28s} {_FWD_NAME[dest.fwd]:<7s} {_tun_info(dest):<13s} "
-                f"{dest.weight:<6d} {dest.active_conns:<10d} {dest.inact_conns:<10d}")
+    if fmt.tun_info or fmt.proxy_info:
+        return (f"  -> {dname:<28s} {_FWD_NAME[dest.fwd]:<7s} "
+                + (f"{_tun_info(dest):<13s} " if fmt.tun_info else "")
+                + (f"{_proxy_info(dest):<5s} " if fmt.proxy_info else "")
+                + f"{dest.weight:<6d} {dest.active_conns:<10d} {dest.inact_conns:<10d}")
     return (f"  -> {dname:<28s} {_FWD_NAME[dest.fwd]:<7s} {dest.weight:<6d} "
             f"{dest.active_conns:<10d} {dest.inact_conns:<10d}")
 

@@ -41,6 +41,7 @@ from ipvs_synproxy.kernel.model import (
     Laddr,
     ModelError,
     Protocol,
+    ProxyProtocol,
     Service,
     TunnelType,
 )
@@ -125,6 +126,7 @@ def dump(state: State) -> str:
 
 _DECODE: dict[str, Callable[[Any], Any]] = {
     "protocol": Protocol, "fwmark_af": Family, "fwd": FwdMethod, "tun_type": TunnelType,
+    "proxy_protocol": ProxyProtocol,
     "addr": lambda v: None if v is None else ipaddress.ip_address(v),
 }
 

@@ -6,10 +6,11 @@ servers and laddr pools; its ``keepalived:`` section and the services'
 the VRRP instances. :func:`render` turns a loaded :class:`config.Config` into
 the text of a keepalived.conf for keepalived 2.2.7 with this project's
 patches (``lvs_method FNAT``, ``syn_proxy``, ``local_address_group`` /
-``laddr_group_name``; see keepalived/patches/). The Jinja2 templates are this
-package's data (``templates/``); this module hands them formatted, validated
-values only, so the output is a pure function of the file: rendering the
-same file twice gives the same bytes.
+``laddr_group_name``, a real server's ``proxy_protocol``; see
+keepalived/patches/). The Jinja2 templates are this package's data
+(``templates/``); this module hands them formatted, validated values only, so
+the output is a pure function of the file: rendering the same file twice
+gives the same bytes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ipvs_synproxy.kernel.model import (
     FwdMethod,
     IPAddress,
     Laddr,
+    ProxyProtocol,
     Service,
     TunnelType,
 )
@@ -63,6 +65,15 @@ def _method(d: Dest | None, default: FwdMethod) -> str:
         if d.tun_type is TunnelType.GUE:
             text += f" port {d.tun_port}"
     return text
+
+
+def _proxy_protocol(d: Dest) -> str | None:
+    """The real server's ``proxy_protocol`` keyword (``v1``, ``v2``), or None
+    when off. Written per real server, the service's default already applied
+    by the loader; off needs no keyword (keepalived's default)."""
+    if d.proxy_protocol is ProxyProtocol.OFF:
+        return None
+    return str(d.proxy_protocol)
 
 
 def laddr_group_name(svc: Service) -> str:
@@ -141,6 +152,7 @@ def _virtual_server(st: ServiceState, check: HealthCheck, default_fwd: FwdMethod
         "real_servers": [
             {"head": f"{d.addr} {d.port}" if d.port else str(d.addr),
              "weight": d.weight, "method": _method(d, default_fwd),
+             "proxy_protocol": _proxy_protocol(d),
              "uthreshold": d.u_thresh, "lthreshold": d.l_thresh,
              "check": _check(check, d)}
             for d in st.dests],

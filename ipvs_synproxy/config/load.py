@@ -44,12 +44,16 @@ from ipvs_synproxy.kernel.model import (
     IPAddress,
     Laddr,
     ModelError,
+    Protocol,
+    ProxyProtocol,
     Service,
     TunnelType,
+    format_endpoint,
     parse_addr,
     parse_endpoint,
     parse_int,
     parse_protocol,
+    proxy_protocol_error,
     synproxy_dest_error,
 )
 
@@ -72,9 +76,9 @@ class Config:
 TOP_KEYS = ("services", "sysctl", "cookie_secret_file", "keepalived")
 SERVICE_KEYS = ("vip", "fwmark", "family", "protocol", "scheduler", "persistent", "netmask",
                 "persistence_engine", "one_packet", "scheduler_flags", "synproxy", "forward",
-                "laddrs", "real_servers", "healthcheck")
+                "proxy_protocol", "laddrs", "real_servers", "healthcheck")
 DEST_KEYS = ("addr", "weight", "forward", "upper_threshold", "lower_threshold",
-             "tunnel_type", "tunnel_port")
+             "tunnel_type", "tunnel_port", "proxy_protocol")
 SCHED_FLAGS = {"sh-fallback": IP_VS_SVC_F_SCHED1, "mh-fallback": IP_VS_SVC_F_SCHED1,
                "flag-1": IP_VS_SVC_F_SCHED1, "sh-port": IP_VS_SVC_F_SCHED2,
                "mh-port": IP_VS_SVC_F_SCHED2, "flag-2": IP_VS_SVC_F_SCHED2,
@@ -89,6 +93,17 @@ def _netmask(value: object, source: str) -> int:
             raise ModelError(source, "netmask", f"not a netmask: {value!r}") from None
         return net.prefixlen
     return parse_int(value, source, "netmask", 1, 128)
+
+
+def _proxy_protocol(value: object, source: str) -> ProxyProtocol:
+    """off, v1 or v2. YAML 1.1 reads a bare ``off`` (and ``no``, ``false``) as
+    false, which means off too; true names no version."""
+    if value is False:
+        return ProxyProtocol.OFF
+    if value is True:
+        raise ModelError(source, "proxy_protocol",
+                         "true is not a PROXY protocol version: write v1, v2 or off")
+    return ProxyProtocol.parse(value, source)
 
 
 def _read_service(r: Reader, raw: object, line: int, path: str) -> ServiceState:
@@ -164,6 +179,15 @@ def _read_service(r: Reader, raw: object, line: int, path: str) -> ServiceState:
     if "forward" in m:
         default_fwd = r.parse(m, "forward", path, lambda s: FwdMethod.parse(
             read_str(m["forward"], s, "forward"), s))
+    default_pp = ProxyProtocol.OFF
+    if "proxy_protocol" in m:
+        default_pp = r.parse(m, "proxy_protocol", path,
+                             lambda s: _proxy_protocol(m["proxy_protocol"], s))
+        if default_pp is not ProxyProtocol.OFF and not svc.fwmark \
+                and svc.protocol is not Protocol.TCP:
+            raise r.err(r.at(m, "proxy_protocol"), f"{path}.proxy_protocol",
+                        f"the PROXY protocol header is for TCP services only, not "
+                        f"{svc.protocol.name}")
 
     laddrs: list[Laddr] = []
     if "laddrs" in m:
@@ -190,7 +214,8 @@ def _read_service(r: Reader, raw: object, line: int, path: str) -> ServiceState:
         dseen: dict[tuple[IPAddress, int], int] = {}
         for i, raw_d in enumerate(seq):
             dpath = f"{path}.real_servers[{i}]"
-            dest = _read_dest(r, raw_d, seq.item_lines[i], dpath, svc, default_fwd)
+            dest = _read_dest(r, raw_d, seq.item_lines[i], dpath, svc, default_fwd,
+                              default_pp, r.at(m, "proxy_protocol"), path)
             dm = cast(YamlMap, raw_d)
             if (dest.addr, dest.port) in dseen:
                 raise r.err(r.at(dm, "addr"), f"{dpath}.addr",
@@ -213,7 +238,8 @@ def _read_service(r: Reader, raw: object, line: int, path: str) -> ServiceState:
 
 
 def _read_dest(r: Reader, raw: object, line: int, path: str, svc: Service,
-               default_fwd: FwdMethod) -> Dest:
+               default_fwd: FwdMethod, default_pp: ProxyProtocol = ProxyProtocol.OFF,
+               default_pp_line: int = 0, svc_path: str = "") -> Dest:
     m = r.mapping(raw, line, path, DEST_KEYS)
     if "addr" not in m:
         raise r.err(m.line, path, "a real server needs 'addr' (ADDR or ADDR:PORT)")
@@ -240,12 +266,25 @@ def _read_dest(r: Reader, raw: object, line: int, path: str, svc: Service,
         kw["tun_port"] = r.parse(m, "tunnel_port", path,
                                  lambda s: parse_int(m["tunnel_port"], s, "tunnel_port",
                                                      0, 65535))
+    # the real server's own setting wins over the service's default
+    kw["proxy_protocol"] = default_pp
+    if "proxy_protocol" in m:
+        kw["proxy_protocol"] = r.parse(m, "proxy_protocol", path,
+                                       lambda s: _proxy_protocol(m["proxy_protocol"], s))
+    elif default_pp is not ProxyProtocol.OFF and kw["fwd"] is not FwdMethod.FULLNAT:
+        raise r.err(default_pp_line, f"{svc_path}.proxy_protocol",
+                    f"the service's proxy_protocol {default_pp} applies to real server "
+                    f"{format_endpoint(addr, port)}, which uses "
+                    f"{kw['fwd'].name.lower()} forwarding: the header needs FULLNAT "
+                    "(give that real server 'proxy_protocol: off', or 'forward: fullnat')")
     try:
         dest = Dest(**kw)
     except ModelError as exc:
         key = {"u_thresh": "upper_threshold", "l_thresh": "lower_threshold",
                "address": "addr", "port": "addr"}.get(exc.field, exc.field)
         raise r.err(r.at(m, key), f"{path}.{key}", exc.message) from None
+    if why := proxy_protocol_error(svc, dest):
+        raise r.err(r.at(m, "proxy_protocol"), f"{path}.proxy_protocol", why)
     if dest.af != svc.af and dest.fwd is not FwdMethod.TUNNEL:
         raise r.err(r.at(m, "addr"), f"{path}.addr",
                     f"IPv{dest.addr.version} real server behind an IPv"

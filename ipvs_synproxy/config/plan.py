@@ -30,6 +30,7 @@ from ipvs_synproxy.kernel.model import (
     FwdMethod,
     IPAddress,
     Laddr,
+    ProxyProtocol,
     Service,
     format_endpoint,
 )
@@ -269,6 +270,8 @@ def item_dict(item: Item | None) -> dict[str, Any] | None:
                              "lower_threshold": item.l_thresh}
         if item.fwd is FwdMethod.TUNNEL:
             d.update(tunnel_type=item.tun_type.name.lower(), tunnel_port=item.tun_port)
+        if item.fwd is FwdMethod.FULLNAT or item.proxy_protocol is not ProxyProtocol.OFF:
+            d.update(proxy_protocol=str(item.proxy_protocol))
         return d
     out: dict[str, Any] = {}
     if item.fwmark:
@@ -305,7 +308,9 @@ def _summary(item: Item) -> str:
             bits.append("synproxy")
         return ", ".join(bits)
     if isinstance(item, Dest):
-        return f"{item.fwd.name.lower()}, weight {item.weight}"
+        pp = item.proxy_protocol
+        return f"{item.fwd.name.lower()}, weight {item.weight}" + (
+            f", proxy protocol {pp}" if pp is not ProxyProtocol.OFF else "")
     return ""
 
 

@@ -4,8 +4,8 @@ Built from the loader's own key lists, so that a key the loader learns cannot
 be missing here (tests/unit/test_safe_apply.py compares them, and the
 published copy, docs/ipvs-synproxy.schema.json, with this). The loader stays
 the authority: it also checks what a schema cannot say (address families,
-SYN proxy only with NAT or FULLNAT, FULLNAT with laddrs, duplicates, the
-secret file). ``ipvs-synproxy check --schema`` prints it.
+SYN proxy only with NAT or FULLNAT, FULLNAT with laddrs, the PROXY protocol
+only for FULLNAT and TCP, duplicates, the secret file). ``ipvs-synproxy check --schema`` prints it.
 """
 
 from __future__ import annotations
@@ -14,12 +14,16 @@ from typing import Any
 
 from ipvs_synproxy.config import keepalived_settings as ks
 from ipvs_synproxy.config import load
-from ipvs_synproxy.kernel.model import FORWARD_NAMES, Protocol
+from ipvs_synproxy.kernel.model import FORWARD_NAMES, PROXY_PROTOCOL_NAMES, Protocol
 
 INT_MAX = 2**31 - 1
 _STR = {"type": "string", "minLength": 1}
 _BOOL = {"type": "boolean"}
 _SECONDS = {"type": "number", "exclusiveMinimum": 0}
+# YAML 1.1 reads a bare off as false, which the loader takes as off too
+_PROXY = {"enum": [*PROXY_PROTOCOL_NAMES, False],
+          "description": "PROXY protocol header to FULLNAT real servers of TCP services: "
+                         "off, v1 or v2 (docs/proxy-protocol.md)"}
 
 
 def _int(lo: int, hi: int) -> dict[str, Any]:
@@ -47,7 +51,8 @@ def schema() -> dict[str, Any]:
         "addr": {**_STR, "description": "ADDR or ADDR:PORT ([ADDR]:PORT for IPv6)"},
         "weight": _int(0, INT_MAX), "forward": {"enum": list(FORWARD_NAMES)},
         "upper_threshold": _int(0, INT_MAX), "lower_threshold": _int(0, INT_MAX),
-        "tunnel_type": {"enum": ["ipip", "gue", "gre"]}, "tunnel_port": _int(0, 65535)},
+        "tunnel_type": {"enum": ["ipip", "gue", "gre"]}, "tunnel_port": _int(0, 65535),
+        "proxy_protocol": _PROXY},
         required=["addr"])
     service = _obj(load.SERVICE_KEYS, {
         "vip": {**_STR, "description": "ADDR:PORT ([ADDR]:PORT for IPv6)"},
@@ -58,6 +63,9 @@ def schema() -> dict[str, Any]:
         "persistence_engine": _STR, "one_packet": _BOOL,
         "scheduler_flags": {"type": "array", "items": {"enum": list(load.SCHED_FLAGS)}},
         "synproxy": _BOOL, "forward": {"enum": list(FORWARD_NAMES)},
+        "proxy_protocol": {**_PROXY, "description": "the default of the service's real "
+                                                     "servers (a real server's own wins): "
+                                                     "off, v1 or v2"},
         "laddrs": {"type": "array", "items": _STR, "uniqueItems": True},
         "real_servers": {"type": "array", "items": dest}, "healthcheck": _check()},
         oneOf=[{"required": ["vip"], "not": {"required": ["fwmark"]}},

@@ -108,6 +108,12 @@ ALL: tuple[Series, ...] = (
     _c("fullnat_icmp_translated", "ICMP errors translated for FULLNAT connections."),
     _c("toa_options", "TOA options: result=\"added\", \"no_space\", \"too_big\", "
        "\"no_memory\" or \"scrubbed\" (a client-sent TOA option replaced).", ("result",)),
+    _c("proxy_headers", "PROXY protocol headers to FULLNAT real servers: result=\"sent\" "
+       "(first time), \"resent\" (the real server had not acknowledged it), "
+       "\"oversize\" (header and segment over the route MTU: sent fragmented); segments "
+       "that were due one and were dropped: \"no_memory\", \"bad_checksum\", \"no_state\" "
+       "(the connection's first bytes were never seen, e.g. taken over by sync).",
+       ("result",)),
     _c("held_packets", "Client packets held while a real server handshake was under way."),
     _c("sack_blocks_translated", "SACK blocks moved into the other side's sequence numbers."),
     _c("icmp_seq_translated", "ICMP errors whose quoted sequence number was translated."),
@@ -175,6 +181,10 @@ NETNS_EXT: dict[str, tuple[str, dict[str, str]]] = {
     **{f"fullnat_toa_{r}": ("ipvs_synproxy_toa_options_total",
                             {"result": "no_memory" if r == "nomem" else r}) for r in (
         "added", "no_space", "too_big", "nomem", "scrubbed")},
+    **{f"fullnat_proxy_{r}": ("ipvs_synproxy_proxy_headers_total", {"result": label})
+       for r, label in (("sent", "sent"), ("resent", "resent"), ("nomem", "no_memory"),
+                        ("bad_csum", "bad_checksum"), ("no_state", "no_state"),
+                        ("oversize", "oversize"))},
     "synproxy_held": ("ipvs_synproxy_held_packets_total", {}),
     "synproxy_sack_translated": ("ipvs_synproxy_sack_blocks_translated_total", {}),
     "synproxy_icmp_seq": ("ipvs_synproxy_icmp_seq_translated_total", {}),

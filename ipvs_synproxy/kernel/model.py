@@ -125,6 +125,35 @@ class TunnelType(enum.IntEnum):
     GRE = 2
 
 
+class ProxyProtocol(enum.IntEnum):
+    """The PROXY protocol header a FULLNAT real server gets in front of the
+    client's stream (IPVS_DEST_ATTR_PROXY_PROTOCOL): off, the text form v1 or
+    the binary v2. Spelt "off", "v1", "v2" everywhere outside the kernel."""
+
+    OFF = 0
+    V1 = 1
+    V2 = 2
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    @classmethod
+    def parse(cls, value: object, source: str = "value") -> ProxyProtocol:
+        """``"off"``, ``"v1"`` or ``"v2"`` (any case); anything else is a ModelError."""
+        if isinstance(value, ProxyProtocol):
+            return value
+        if isinstance(value, str) and value.strip().lower() in PROXY_PROTOCOL_NAMES:
+            return cls[value.strip().upper()]
+        raise ModelError(source, "proxy_protocol",
+                         f"not a PROXY protocol setting: {value!r} (off, v1 or v2)")
+
+
+PROXY_PROTOCOL_NAMES = ("off", "v1", "v2")
+
+
 def family_of(addr: IPAddress) -> Family:
     return Family.INET if addr.version == 4 else Family.INET6
 
@@ -257,6 +286,7 @@ class Dest:
     tun_type: TunnelType = TunnelType.IPIP
     tun_port: int = 0
     tun_flags: int = 0
+    proxy_protocol: ProxyProtocol = ProxyProtocol.OFF
     active_conns: int = field(default=0, compare=False)
     inact_conns: int = field(default=0, compare=False)
     persist_conns: int = field(default=0, compare=False)
@@ -277,6 +307,14 @@ class Dest:
                                                  f"upper threshold {self.u_thresh}")
         _check_int(source, "tun_port", self.tun_port, 0, 65535)
         _check_int(source, "tun_flags", self.tun_flags, 0, 0xFFFF)
+        if not isinstance(self.proxy_protocol, ProxyProtocol):
+            raise ModelError(source, "proxy_protocol",
+                             f"not a PROXY protocol setting: {self.proxy_protocol!r}")
+        if self.proxy_protocol is not ProxyProtocol.OFF and self.fwd is not FwdMethod.FULLNAT:
+            raise ModelError(source, "proxy_protocol",
+                             f"real server {self} uses {self.fwd.name.lower()} forwarding: "
+                             f"the PROXY protocol header ({self.proxy_protocol}) needs "
+                             "FULLNAT forwarding")
 
     @property
     def af(self) -> Family:
@@ -320,6 +358,17 @@ def synproxy_dest_error(dest: Dest) -> str | None:
     return (f"real server {dest} uses {how}: a SYN-proxy service needs NAT (-m) or "
             f"FULLNAT (--fullnat) real servers, whose replies come back through the "
             f"balancer")
+
+
+def proxy_protocol_error(svc: Service, dest: Dest) -> str | None:
+    """Why ``dest`` cannot have its PROXY protocol setting in ``svc``, or None.
+    The header is prepended to a TCP stream: a UDP or SCTP service cannot have
+    it (a fwmark service can: it applies to the mark's TCP connections)."""
+    if dest.proxy_protocol is ProxyProtocol.OFF or svc.fwmark \
+            or svc.protocol is Protocol.TCP:
+        return None
+    return (f"real server {dest} of {svc}: the PROXY protocol header is for TCP "
+            f"services only, not {svc.protocol.name}")
 
 
 @dataclass(frozen=True)
@@ -458,7 +507,8 @@ def make_service(*, source: str, protocol: object = "tcp", addr: object = None,
 
 
 def make_dest(*, source: str, addr: object, port: object = 0, fwd: object = "masq",
-              weight: object = 1, u_thresh: object = 0, l_thresh: object = 0) -> Dest:
+              weight: object = 1, u_thresh: object = 0, l_thresh: object = 0,
+              proxy_protocol: object = ProxyProtocol.OFF) -> Dest:
     """Build a :class:`Dest` from loosely typed input; errors name ``source``."""
     if not isinstance(fwd, str | int):
         raise ModelError(source, "forwarding method", f"not a method: {fwd!r}")
@@ -468,7 +518,8 @@ def make_dest(*, source: str, addr: object, port: object = 0, fwd: object = "mas
                     fwd=FwdMethod.parse(fwd, source),
                     weight=parse_int(weight, source, "weight"),
                     u_thresh=parse_int(u_thresh, source, "u_thresh"),
-                    l_thresh=parse_int(l_thresh, source, "l_thresh"))
+                    l_thresh=parse_int(l_thresh, source, "l_thresh"),
+                    proxy_protocol=ProxyProtocol.parse(proxy_protocol, source))
     except ModelError as exc:
         raise _reraise(source, exc) from None
 

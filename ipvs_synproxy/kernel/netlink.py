@@ -46,6 +46,7 @@ from ipvs_synproxy.kernel.model import (
     Laddr,
     ModelError,
     Protocol,
+    ProxyProtocol,
     Service,
     Stats,
     SyncDaemon,
@@ -185,6 +186,8 @@ class IpvsDest(pr_ipvs.ipvsmsg.dest):  # type: ignore[misc]
         ("IPVS_DEST_ATTR_TUN_TYPE", "uint8"),
         ("IPVS_DEST_ATTR_TUN_PORT", "be16"),
         ("IPVS_DEST_ATTR_TUN_FLAGS", "uint16"),
+        # ours (0030): PROXY protocol header for FULLNAT, 0 off / 1 v1 / 2 v2
+        ("IPVS_DEST_ATTR_PROXY_PROTOCOL", "uint8"),
     )
 
 
@@ -413,7 +416,7 @@ def dest_key_attrs(dest: Dest) -> dict[str, Any]:
                    ("IPVS_DEST_ATTR_ADDR_FAMILY", int(dest.af))])
 
 
-def dest_attrs(dest: Dest) -> dict[str, Any]:
+def dest_attrs(dest: Dest, *, edit: bool = False) -> dict[str, Any]:
     out = dest_key_attrs(dest)
     out["attrs"] += [
         ["IPVS_DEST_ATTR_FWD_METHOD", int(dest.fwd)],
@@ -424,7 +427,23 @@ def dest_attrs(dest: Dest) -> dict[str, Any]:
         ["IPVS_DEST_ATTR_TUN_PORT", dest.tun_port],
         ["IPVS_DEST_ATTR_TUN_FLAGS", dest.tun_flags],
     ]
+    # A new real server names it only when it can matter (FULLNAT), as upstream
+    # ipvsadm would; an edit always does, because the kernel keeps the setting
+    # when a request does not name it and would then refuse a FULLNAT real
+    # server turned into another method. Stock modules ignore attributes above
+    # their IPVS_DEST_ATTR_MAX.
+    if edit or dest.fwd is FwdMethod.FULLNAT or dest.proxy_protocol is not ProxyProtocol.OFF:
+        out["attrs"].append(["IPVS_DEST_ATTR_PROXY_PROTOCOL", int(dest.proxy_protocol)])
     return out
+
+
+def _proxy_protocol_from(value: int | None) -> ProxyProtocol:
+    """Missing (a stock kernel) is off; a value we do not know is refused loudly."""
+    try:
+        return ProxyProtocol(value or 0)
+    except ValueError:
+        raise ModelError("kernel", "proxy_protocol",
+                         f"unknown PROXY protocol version {value}") from None
 
 
 def dest_from(nest: Any, svc_af: int) -> Dest:
@@ -442,6 +461,7 @@ def dest_from(nest: Any, svc_af: int) -> Dest:
         tun_type=TunnelType(nest.get_attr("IPVS_DEST_ATTR_TUN_TYPE") or 0),
         tun_port=nest.get_attr("IPVS_DEST_ATTR_TUN_PORT") or 0,
         tun_flags=nest.get_attr("IPVS_DEST_ATTR_TUN_FLAGS") or 0,
+        proxy_protocol=_proxy_protocol_from(nest.get_attr("IPVS_DEST_ATTR_PROXY_PROTOCOL")),
         active_conns=nest.get_attr("IPVS_DEST_ATTR_ACTIVE_CONNS") or 0,
         inact_conns=nest.get_attr("IPVS_DEST_ATTR_INACT_CONNS") or 0,
         persist_conns=nest.get_attr("IPVS_DEST_ATTR_PERSIST_CONNS") or 0,
@@ -805,7 +825,7 @@ class IPVS:
         self._dest_call(IPVS_CMD_NEW_DEST, svc, dest, "adding", dest_attrs(dest))
 
     def edit_dest(self, svc: Service, dest: Dest) -> None:
-        self._dest_call(IPVS_CMD_SET_DEST, svc, dest, "editing", dest_attrs(dest))
+        self._dest_call(IPVS_CMD_SET_DEST, svc, dest, "editing", dest_attrs(dest, edit=True))
 
     def del_dest(self, svc: Service, dest: Dest) -> None:
         self._dest_call(IPVS_CMD_DEL_DEST, svc, dest, "deleting", dest_key_attrs(dest))

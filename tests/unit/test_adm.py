@@ -27,12 +27,14 @@ from ipvs_synproxy.kernel.model import (
     Info,
     Laddr,
     Protocol,
+    ProxyProtocol,
     Service,
     Stats,
     SyncDaemon,
     Timeouts,
     TunnelType,
 )
+from tests.unit.fake_ipvs import FakeKernel
 
 REAL: dict[str, dict[str, Any]] = json.loads(
     (Path(__file__).parent / "data" / "ipvsadm-1.31.json").read_text())
@@ -495,3 +497,147 @@ def test_daemon_request_round_trips_through_the_wire_format() -> None:
     msg.encode()
     back = netlink.decode_reply(bytes(msg.data))
     assert netlink.daemon_from(back.get_attr("IPVS_CMD_ATTR_DAEMON")) == d
+
+
+# ---- --proxy-protocol and --proxy-info (issue 21) ---------------------------------------
+
+FN = FwdMethod.FULLNAT
+PP_SVC = Service(addr=V4, port=80, scheduler="rr")
+PP_DESTS = [_dest(R1, 80, fwd=FN, proxy_protocol=ProxyProtocol.V2),
+            _dest(R2, 80, fwd=FN, weight=2, proxy_protocol=ProxyProtocol.V1,
+                  active_conns=3),
+            _dest(IP("192.0.2.13"), 80, fwd=FN), _dest(IP("192.0.2.14"), 80, fwd=MASQ)]
+
+
+@pytest.mark.parametrize(("argv", "want"), [
+    (["-a", "-t", "198.51.100.10:80", "-r", "192.0.2.11", "--fullnat", "--proxy-protocol",
+      "v2"], ProxyProtocol.V2),
+    (["-e", "-t", "198.51.100.10:80", "-r", "192.0.2.11", "--fullnat",
+      "--proxy-protocol=V1"], ProxyProtocol.V1),
+    (["-a", "-f", "7", "-r", "192.0.2.11", "--fullnat", "--proxy-protocol", "v2"],
+     ProxyProtocol.V2),
+    (["-a", "-t", "198.51.100.10:80", "-r", "192.0.2.11", "-m", "--proxy-protocol", "off"],
+     ProxyProtocol.OFF),
+    (["-a", "-u", "198.51.100.10:53", "-r", "192.0.2.11", "--fullnat", "--proxy-protocol",
+      "off"], ProxyProtocol.OFF),
+    (["-a", "-t", "198.51.100.10:80", "-r", "192.0.2.11", "--fullnat"], ProxyProtocol.OFF),
+])
+def test_proxy_protocol_option_sets_the_real_servers_header(argv: list[str],
+                                                            want: ProxyProtocol) -> None:
+    cmd = cmdline.parse(argv)
+    assert cmd.dest is not None and cmd.dest.proxy_protocol is want
+    assert ("proxy-protocol" in cmd.options) == ("--proxy-protocol" in " ".join(argv))
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["-a", "-t", "198.51.100.10:80", "-r", "192.0.2.11", "--fullnat", "--proxy-protocol",
+      "v3"], "--proxy-protocol: not a PROXY protocol setting: 'v3' (off, v1 or v2)"),
+    (["-a", "-t", "198.51.100.10:80", "-r", "192.0.2.11", "--fullnat", "--proxy-protocol"],
+     "--proxy-protocol: missing argument"),
+    (["-a", "-t", "198.51.100.10:80", "-r", "192.0.2.11", "--fullnat", "--proxy-protocol",
+      "v1", "--proxy-protocol", "v2"], "multiple 'proxy-protocol' options"),
+    (["-a", "-t", "198.51.100.10:80", "-r", "192.0.2.11", "-m", "--proxy-protocol", "v2"],
+     "--proxy-protocol v2: the PROXY protocol header needs FULLNAT forwarding (--fullnat), "
+     "not -m"),
+    (["-e", "-t", "198.51.100.10:80", "-r", "192.0.2.11", "--proxy-protocol", "v1"],
+     "not -g"),  # ipvsadm's default method is -g
+    (["-a", "-t", "198.51.100.10:80", "-r", "192.0.2.11", "-i", "--proxy-protocol", "v1"],
+     "not -i"),
+    (["-a", "-u", "198.51.100.10:53", "-r", "192.0.2.11", "--fullnat", "--proxy-protocol",
+      "v2"], "--proxy-protocol v2: the PROXY protocol header is for TCP services only, "
+             "not UDP"),
+    (["--sctp-service", "198.51.100.10:38", "-a", "-r", "192.0.2.11", "--fullnat",
+      "--proxy-protocol", "v1"], "the first option must be a command"),
+    (["-a", "--sctp-service", "198.51.100.10:38", "-r", "192.0.2.11", "--fullnat",
+      "--proxy-protocol", "v1"], "for TCP services only, not SCTP"),
+    (["-A", "-t", "198.51.100.10:80", "--proxy-protocol", "v2"],
+     "Illegal 'proxy-protocol' option with the 'add-service' command"),
+    (["-d", "-t", "198.51.100.10:80", "-r", "192.0.2.11", "--proxy-protocol", "v2"],
+     "Illegal 'proxy-protocol' option with the 'delete-server' command"),
+    (["-L", "--proxy-protocol", "v2"], "Illegal 'proxy-protocol' option with the 'list'"),
+    (["-a", "-t", "198.51.100.10:80", "-r", "192.0.2.11", "--proxy-info"],
+     "Illegal 'proxy-info' option with the 'add-server' command"),
+    (["-S", "--proxy-info"], "Illegal 'proxy-info' option with the 'save' command"),
+])
+def test_proxy_protocol_usage_errors_are_clear(argv: list[str], needle: str) -> None:
+    with pytest.raises(adm_command.AdmUsageError) as info:
+        cmdline.parse(argv)
+    assert needle in info.value.message
+
+
+def test_plain_listing_keeps_ipvsadms_columns_and_proxy_info_adds_one() -> None:
+    plain = listing.format_table(INFO, [(PP_SVC, PP_DESTS, [])], N)
+    assert "Proxy" not in plain and "v2" not in plain
+    assert plain.splitlines()[4] == ("  -> 192.0.2.11:80                FullNat 1      "
+                                     "0          0         ")
+    out = listing.format_table(INFO, [(PP_SVC, PP_DESTS, [])],
+                               adm_command.Format(numeric=True, proxy_info=True))
+    assert out.splitlines()[1:] == [
+        "Prot LocalAddress:Port Scheduler Flags",
+        "  -> RemoteAddress:Port           Forward Proxy Weight ActiveConn InActConn",
+        "TCP  198.51.100.10:80 rr",
+        "  -> 192.0.2.11:80                FullNat v2    1      0          0         ",
+        "  -> 192.0.2.12:80                FullNat v1    2      3          0         ",
+        "  -> 192.0.2.13:80                FullNat off   1      0          0         ",
+        "  -> 192.0.2.14:80                Masq    n/a   1      0          0         ",
+    ]
+    both = listing.format_table(None, [(PP_SVC, PP_DESTS[:1], [])], adm_command.Format(
+        numeric=True, proxy_info=True, tun_info=True))
+    assert both.splitlines()[1].endswith("Forward TunnelInfo    Proxy Weight ActiveConn "
+                                         "InActConn")
+    assert both.splitlines()[3].startswith("  -> 192.0.2.11:80                FullNat n/a"
+                                           "           v2    1 ")
+    assert cmdline.parse(["-L", "-n", "--proxy-info"]).fmt.proxy_info
+
+
+def _runner(kernel: FakeKernel, stdin: str = "") -> tuple[Any, io.StringIO, io.StringIO]:
+    out, err = io.StringIO(), io.StringIO()
+    io_ = adm.Io(io.StringIO(stdin), out, err, lambda: "")
+    return adm._Runner(io_, lambda: kernel, "ipvsadm-sp"), out, err  # type: ignore[arg-type]
+
+
+def test_save_prints_proxy_protocol_and_restore_reads_it_back() -> None:
+    src = FakeKernel()
+    src.services_[PP_SVC.key()] = PP_SVC
+    src.dests_[PP_SVC.key()] = list(PP_DESTS)
+    src.laddrs_[PP_SVC.key()] = [Laddr(IP("192.0.2.100"))]
+    runner, out, _ = _runner(src)
+    assert runner.run(cmdline.parse(["-S", "-n"])) == 0
+    saved = out.getvalue()
+    assert "-a -t 198.51.100.10:80 -r 192.0.2.11:80 --fullnat -w 1 --proxy-protocol v2\n" \
+        in saved
+    assert "-r 192.0.2.13:80 --fullnat -w 1\n" in saved  # off: nothing, as ipvsadm
+    assert "-r 192.0.2.14:80 -m -w 1\n" in saved
+    dst = FakeKernel()
+    runner, _, err = _runner(dst, saved)
+    assert runner.run(cmdline.parse(["-R"])) == 0, err.getvalue()
+    assert [(d.addr, d.fwd, d.proxy_protocol) for d in dst.dests_[PP_SVC.key()]] == \
+        [(d.addr, d.fwd, d.proxy_protocol) for d in PP_DESTS]
+
+
+def test_edit_without_the_option_keeps_the_header_and_with_it_changes_it() -> None:
+    k = FakeKernel()
+    k.services_[PP_SVC.key()] = PP_SVC
+    k.dests_[PP_SVC.key()] = list(PP_DESTS)
+    k.laddrs_[PP_SVC.key()] = []
+    runner, _, err = _runner(k)
+    rs1 = ["-e", "-t", "198.51.100.10:80", "-r", "192.0.2.11", "--fullnat"]
+    assert runner.run(cmdline.parse([*rs1, "-w", "0"])) == 0, err.getvalue()
+    d = k.dests_[PP_SVC.key()][0]
+    assert (d.weight, d.proxy_protocol) == (0, ProxyProtocol.V2)  # drained, header kept
+    assert runner.run(cmdline.parse([*rs1, "--proxy-protocol", "off"])) == 0
+    assert k.dests_[PP_SVC.key()][0].proxy_protocol is ProxyProtocol.OFF
+    # leaving FULLNAT drops it (a NAT real server cannot have it)
+    assert runner.run(cmdline.parse(["-e", "-t", "198.51.100.10:80", "-r", "192.0.2.12",
+                                     "-m"])) == 0
+    assert k.dests_[PP_SVC.key()][1].proxy_protocol is ProxyProtocol.OFF
+    # a missing service is the kernel's refusal, as for any -e
+    before = k.state()
+    assert runner.run(cmdline.parse(["-e", "-t", "198.51.100.10:81", "-r", "192.0.2.11",
+                                     "--fullnat"])) == 255
+    assert k.state() == before
+
+
+def test_help_documents_the_proxy_options() -> None:
+    text = adm.usage_text("ipvsadm-sp")
+    assert "--proxy-protocol off|v1|v2" in text and "--proxy-info" in text

@@ -6,6 +6,7 @@ import ipaddress
 import itertools
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -564,3 +565,143 @@ def test_secret_is_set_last_when_supported(tmp_path: Path, monkeypatch: pytest.M
     assert cli.main(["apply", str(f)]) == 0
     assert k.secret == b"\x07" * 16 and k.calls[-1] == "set_synproxy_secret"
     assert f"cookie secret set from {secret}" in capsys.readouterr().out
+
+
+# ---- proxy_protocol (issue 21) ----------------------------------------------------------
+
+PP = f"""\
+services:
+  - vip: {VIP4}:80
+    forward: fullnat
+    laddrs: [192.0.2.100]
+    proxy_protocol: v2
+    real_servers:
+      - addr: {RS1}
+      - addr: {RS2}
+        proxy_protocol: off
+      - addr: 192.0.2.13
+        proxy_protocol: v1
+      - addr: 192.0.2.14
+        forward: masq
+        proxy_protocol: off
+  - fwmark: 9
+    forward: fullnat
+    laddrs: [192.0.2.100]
+    real_servers:
+      - {{addr: {RS1}, proxy_protocol: V2}}
+      - {{addr: {RS2}}}
+"""
+
+
+def test_proxy_protocol_per_real_server_with_the_services_default() -> None:
+    web, mark = load(PP).state.services
+    assert [(str(d.addr), str(d.proxy_protocol)) for d in web.dests] == [
+        (RS1, "v2"), (RS2, "off"), ("192.0.2.13", "v1"), ("192.0.2.14", "off")]
+    assert [str(d.proxy_protocol) for d in mark.dests] == ["v2", "off"]
+
+
+PP_SVC = f"services:\n  - vip: {VIP4}:80\n    forward: fullnat\n    laddrs: [192.0.2.100]\n"
+PP_BAD = [
+    (PP_SVC + f"    real_servers:\n      - {{addr: {RS1}, proxy_protocol: v3}}\n", "v3",
+     "services[0].real_servers[0].proxy_protocol",
+     "not a PROXY protocol setting: 'v3' (off, v1 or v2)"),
+    (PP_SVC + f"    real_servers:\n      - {{addr: {RS1}, proxy_protocol: 2}}\n", "proxy",
+     "services[0].real_servers[0].proxy_protocol", "not a PROXY protocol setting: 2"),
+    (PP_SVC + f"    real_servers:\n      - {{addr: {RS1}, proxy_protocol: true}}\n", "proxy",
+     "services[0].real_servers[0].proxy_protocol", "true is not a PROXY protocol version"),
+    (PP_SVC + "    proxy_protocol: [v2]\n", "proxy", "services[0].proxy_protocol",
+     "not a PROXY protocol setting: ['v2']"),
+    (PP_SVC + f"    real_servers:\n      - {{addr: {RS1}, forward: masq, proxy_protocol: "
+     "v2}\n", "proxy", "services[0].real_servers[0].proxy_protocol",
+     "real server 192.0.2.11:80 uses masq forwarding: the PROXY protocol header (v2) needs "
+     "FULLNAT"),
+    (f"services:\n  - vip: {VIP4}:80\n    proxy_protocol: v1\n    real_servers:\n"
+     f"      - addr: {RS1}\n", "proxy", "services[0].proxy_protocol",
+     "the service's proxy_protocol v1 applies to real server 192.0.2.11:80, which uses masq"),
+    (f"services:\n  - vip: {VIP4}:53\n    protocol: udp\n    proxy_protocol: v2\n", "proxy",
+     "services[0].proxy_protocol", "for TCP services only, not UDP"),
+    (f"services:\n  - vip: {VIP4}:53\n    protocol: udp\n    forward: fullnat\n"
+     "    laddrs: [192.0.2.100]\n    real_servers:\n"
+     f"      - {{addr: {RS1}, proxy_protocol: v1}}\n", "proxy",
+     "services[0].real_servers[0].proxy_protocol", "for TCP services only, not UDP"),
+]
+
+
+@pytest.mark.parametrize(("text", "marker", "path", "message"), PP_BAD,
+                         ids=[f"pp{i}" for i in range(len(PP_BAD))])
+def test_bad_proxy_protocol_names_file_line_and_key(text: str, marker: str, path: str,
+                                                    message: str) -> None:
+    test_bad_input_names_file_line_and_key_path(text, marker, path, message)
+
+
+def test_random_malformed_proxy_protocol_values_are_errors_that_change_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    seed = int(os.environ.get("TEST_SEED", random.randrange(2**32)))
+    print(f"seed {seed} (replay: TEST_SEED={seed})")
+    rng = random.Random(seed)
+    start = load(PP).state
+    k = FakeKernel.from_state(start)
+    _cli_env(monkeypatch, k)
+    f = tmp_path / "lb.yaml"
+    alphabet = "v0123OFFonfx -_.:'\"[]{}!#\\"
+    for _ in range(40):
+        junk = rng.choice([
+            "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))),
+            str(rng.randint(-3, 300)), "v" + str(rng.randint(3, 99)), "true", "yes", "on",
+            "1.5", "~", "[]", "{}", "V 2", "v2v", "'v 1'", "v-1"])
+        where = rng.choice([f"    proxy_protocol: {junk}\n",
+                            f"        proxy_protocol: {junk}\n"])
+        lines = PP.splitlines(keepends=True)
+        target = [i for i, ln in enumerate(lines) if ln == where.replace(junk, "v2")
+                  or ln.startswith(where.split(":")[0] + ":")]
+        i = rng.choice(target)
+        lines[i] = where
+        text = "".join(lines)
+        try:
+            cfg = config_load.loads(text, "lb.yaml")
+        except config_reader.ConfigError as exc:
+            assert "proxy_protocol" in exc.field or exc.field == "yaml", (seed, junk, exc)
+            f.write_text(text)
+            assert cli.main(["apply", str(f)]) == 2, (seed, junk)
+            assert "nothing was applied" in capsys.readouterr().err
+            assert k.state() == start and k.calls == [], (seed, junk)
+            continue
+        # only the three settings (a bare off is YAML's false) get through
+        got = {str(d.proxy_protocol) for st in cfg.state.services for d in st.dests}
+        assert got <= {"off", "v1", "v2"}, (seed, junk)
+        assert junk.strip("'\"").lower() in ("off", "v1", "v2", "no", "false"), (seed, junk)
+
+
+def test_apply_converges_a_proxy_protocol_change_with_one_edit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    k = FakeKernel.from_state(load(PP).state)
+    _cli_env(monkeypatch, k)
+    f = tmp_path / "lb.yaml"
+    f.write_text(PP.replace("proxy_protocol: off\n", "proxy_protocol: v1\n", 1))
+    assert cli.main(["diff", str(f)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "~ real server 192.0.2.12:80 of 198.51.100.10:80/tcp: proxy_protocol off -> v1")
+    assert cli.main(["apply", str(f)]) == 0
+    assert [c.split(":")[0] for c in k.calls] == ["edit_dest"]
+    assert k.dests_[load(PP).state.services[0].service.key()][1].proxy_protocol == 1
+    assert cli.main(["apply", str(f)]) == 0
+    assert capsys.readouterr().out.strip().endswith("no changes")
+
+
+def test_a_new_real_server_shows_its_header_in_the_plan() -> None:
+    cur = load(PP).state
+    new = load(PP + "      - {addr: 192.0.2.15, proxy_protocol: v2}\n").state
+    assert ops(config_plan.diff(cur, new)) == [
+        "+ real server 192.0.2.15:0 of fwmark 9/ipv4 (fullnat, weight 1, proxy protocol v2)"]
+
+
+def test_the_proxy_protocol_guides_examples_load() -> None:
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "docs" / "proxy-protocol.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
+    assert blocks
+    for block in blocks:
+        states = load(block).state.services
+        assert any(d.proxy_protocol for st in states for d in st.dests)

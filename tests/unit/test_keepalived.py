@@ -208,7 +208,7 @@ def test_render_of_an_invalid_file_exits_2_and_writes_nothing(
 def test_series_lists_every_patch_in_order() -> None:
     series = keepalived_build.read_series()
     names = [p.name for p in series]
-    assert names == sorted(names) and len(names) == 4
+    assert names == sorted(names) and len(names) == 5
     on_disk = sorted(p.name for p in keepalived_build.patches_dir().glob("*.patch"))
     assert names == on_disk
 

@@ -16,6 +16,7 @@ from ipvs_synproxy.kernel.model import (
     Laddr,
     ModelError,
     Protocol,
+    ProxyProtocol,
     Service,
     Stats,
     Timeouts,
@@ -23,6 +24,7 @@ from ipvs_synproxy.kernel.model import (
     make_laddr,
     make_service,
     parse_endpoint,
+    proxy_protocol_error,
 )
 
 
@@ -169,3 +171,57 @@ def test_parse_endpoint(text: str, addr: str, port: int) -> None:
 def test_parse_endpoint_rejects(text: str) -> None:
     with pytest.raises(ModelError):
         parse_endpoint(text, "-t")
+
+
+# ---- the PROXY protocol setting of a real server (issue 21) ----------------------------
+
+
+@pytest.mark.parametrize(("text", "want"), [("off", 0), ("v1", 1), ("v2", 2), (" V2 ", 2)])
+def test_proxy_protocol_parses_its_three_spellings(text: str, want: int) -> None:
+    pp = ProxyProtocol.parse(text)
+    assert pp == want and str(pp) == text.strip().lower() and f"{pp:>3s}" == f"{pp!s:>3s}"
+
+
+@pytest.mark.parametrize("bad", ["v3", "2", "on", "", "proxy", None, 2, True, ["v2"]])
+def test_anything_else_is_not_a_proxy_protocol_setting(bad: object) -> None:
+    with pytest.raises(ModelError) as info:
+        ProxyProtocol.parse(bad, "lb.yaml:4")
+    assert info.value.source == "lb.yaml:4" and info.value.field == "proxy_protocol"
+    assert "(off, v1 or v2)" in info.value.message
+
+
+def test_a_fullnat_real_server_may_send_either_header() -> None:
+    for pp in ProxyProtocol:
+        d = make_dest(source="t", addr="192.0.2.11", port=80, fwd="fullnat",
+                      proxy_protocol=str(pp))
+        assert d.proxy_protocol is pp
+    assert make_dest(source="t", addr="192.0.2.11").proxy_protocol is ProxyProtocol.OFF
+
+
+@pytest.mark.parametrize("fwd", ["masq", "dr", "tunnel", "local"])
+def test_the_proxy_header_needs_fullnat_and_the_error_names_the_real_server(fwd: str) -> None:
+    with pytest.raises(ModelError) as info:
+        make_dest(source="-r", addr="192.0.2.11", port=8080, fwd=fwd, proxy_protocol="v2")
+    assert info.value.source == "-r" and info.value.field == "proxy_protocol"
+    assert "real server 192.0.2.11:8080" in info.value.message
+    assert "needs FULLNAT" in info.value.message
+    assert make_dest(source="t", addr="192.0.2.11", fwd=fwd, proxy_protocol="off")
+
+
+def test_proxy_protocol_is_compared_like_the_other_settings() -> None:
+    a = make_dest(source="t", addr="192.0.2.11", port=80, fwd="fullnat")
+    assert a != make_dest(source="t", addr="192.0.2.11", port=80, fwd="fullnat",
+                          proxy_protocol="v1")
+
+
+def test_the_proxy_header_is_for_tcp_and_fwmark_services_only() -> None:
+    d = make_dest(source="t", addr="192.0.2.11", port=53, fwd="fullnat", proxy_protocol="v1")
+    tcp = make_service(source="t", addr="198.51.100.10", port=53)
+    mark = make_service(source="t", fwmark=3)
+    assert proxy_protocol_error(tcp, d) is None and proxy_protocol_error(mark, d) is None
+    for proto in ("udp", "sctp"):
+        svc = make_service(source="t", protocol=proto, addr="198.51.100.10", port=53)
+        why = proxy_protocol_error(svc, d)
+        assert why is not None and "TCP services only" in why and "192.0.2.11:53" in why
+        off = make_dest(source="t", addr="192.0.2.11", port=53, fwd="fullnat")
+        assert proxy_protocol_error(svc, off) is None

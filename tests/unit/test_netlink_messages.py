@@ -15,6 +15,7 @@ from ipvs_synproxy.kernel import netlink
 from ipvs_synproxy.kernel.model import (
     Dest,
     FwdMethod,
+    ProxyProtocol,
     Stats,
     make_dest,
     make_service,
@@ -260,3 +261,56 @@ def test_service_synproxy_stats_attribute_13_decodes_with_pad() -> None:
 def test_a_service_without_synproxy_stats_has_none() -> None:
     msg = netlink.decode_reply(_kernel_service(b""))
     assert netlink.service_from(msg.get_attr("IPVS_CMD_ATTR_SERVICE")).sp_stats is None
+
+
+# ---- IPVS_DEST_ATTR_PROXY_PROTOCOL (16, u8; issue 21) ----------------------------------
+
+
+def _dest_nla_types(dest: Dest, edit: bool = False) -> dict[int, bytes]:
+    """The nested dest attributes of a NEW_DEST/SET_DEST request: type -> payload."""
+    msg = netlink.build_request(netlink.IPVS_CMD_NEW_DEST, [
+        ("IPVS_CMD_ATTR_DEST", netlink.dest_attrs(dest, edit=edit))])
+    data = _wire(msg)
+    length, kind = struct.unpack_from("=HH", data, 20)
+    assert kind & 0x3FFF == 2  # IPVS_CMD_ATTR_DEST
+    out, offset = {}, 24
+    while offset + 4 <= 20 + length:
+        alen, atype = struct.unpack_from("=HH", data, offset)
+        out[atype & 0x3FFF] = data[offset + 4:offset + alen]
+        offset += (alen + 3) & ~3
+    return out
+
+
+@pytest.mark.parametrize("pp", list(ProxyProtocol))
+@pytest.mark.parametrize("addr", ["192.0.2.11", "2001:db8:2::11"])
+def test_proxy_protocol_roundtrips_as_attribute_16_a_u8(pp: ProxyProtocol, addr: str) -> None:
+    dest = make_dest(source="t", addr=addr, port=80, fwd="fullnat", weight=2,
+                     proxy_protocol=str(pp))
+    attrs = _dest_nla_types(dest)
+    assert attrs[16] == bytes([int(pp)])  # sent even when off: a SET_DEST turning it off
+    assert attrs[15] == struct.pack("=H", 0)  # TUN_FLAGS stays 15
+    msg = _roundtrip(netlink.IPVS_CMD_SET_DEST, [("IPVS_CMD_ATTR_DEST",
+                                                  netlink.dest_attrs(dest))])
+    back = netlink.dest_from(msg.get_attr("IPVS_CMD_ATTR_DEST"), 2)
+    assert back == dest and back.proxy_protocol is pp
+
+
+@pytest.mark.parametrize("fwd", [f for f in FwdMethod if f is not FwdMethod.FULLNAT])
+def test_new_real_servers_of_other_methods_send_no_proxy_attribute(fwd: FwdMethod) -> None:
+    dest = make_dest(source="t", addr="192.0.2.11", port=80, fwd=int(fwd))
+    assert 16 not in _dest_nla_types(dest)
+    # the kernel keeps an unnamed setting on SET_DEST: an edit says 0 (leaving FULLNAT)
+    assert _dest_nla_types(dest, edit=True)[16] == b"\0"
+
+
+def test_a_dump_without_the_attribute_is_off_and_an_unknown_value_is_refused() -> None:
+    dest = make_dest(source="t", addr="192.0.2.11", port=80, fwd="fullnat")
+    stock = netlink.dest_attrs(dest)
+    stock["attrs"] = [a for a in stock["attrs"] if a[0] != "IPVS_DEST_ATTR_PROXY_PROTOCOL"]
+    msg = _roundtrip(netlink.IPVS_CMD_NEW_DEST, [("IPVS_CMD_ATTR_DEST", stock)])
+    assert netlink.dest_from(msg.get_attr("IPVS_CMD_ATTR_DEST"), 2).proxy_protocol \
+        is ProxyProtocol.OFF
+    stock["attrs"].append(["IPVS_DEST_ATTR_PROXY_PROTOCOL", 3])
+    msg = _roundtrip(netlink.IPVS_CMD_NEW_DEST, [("IPVS_CMD_ATTR_DEST", stock)])
+    with pytest.raises(ValueError, match="unknown PROXY protocol version 3"):
+        netlink.dest_from(msg.get_attr("IPVS_CMD_ATTR_DEST"), 2)

@@ -95,6 +95,7 @@ API_GETS = ["/api/services", f"/api/services/{SID}", "/api/ext-stats", "/api/att
             "/api/openapi.json", "/api/whoami"]
 FORM_ACTIONS = [
     (f"/services/{SID}/rs/{RID1}/weight", {"weight": "7"}),
+    (f"/services/{SID}/rs/{RID1}/proxy-protocol", {"proxy_protocol": "v2"}),
     (f"/services/{SID}/rs/{RID1}/drain", {}),
     (f"/services/{SID}/rs/{RID1}/delete", {}),
     (f"/services/{SID}/rs", {"addr": "192.0.2.13", "weight": "2"}),
@@ -102,8 +103,17 @@ FORM_ACTIONS = [
 ]
 API_ACTIONS = [
     ("PUT", f"/api/services/{SID}/real-servers/{RID1}/weight", {"weight": 7}),
+    ("PUT", f"/api/services/{SID}/real-servers/{RID1}/proxy-protocol",
+     {"proxy_protocol": "v2"}),
     ("POST", f"/api/services/{SID}/real-servers/{RID1}/drain", None),
     ("DELETE", f"/api/services/{SID}/real-servers/{RID1}", None),
     ("POST", f"/api/services/{SID}/real-servers", {"addr": "192.0.2.13"}),
     ("PUT", f"/api/services/{SID}/synproxy", {"enabled": True}),
 ]
+
+
+def proxy_protocol(kernel: Kernel, svc: Service = SVC, rid: str = RID1) -> str | None:
+    for d in kernel.dests(svc):
+        if f"{d.addr}_{d.port}" == rid:
+            return str(d.proxy_protocol)
+    return None

@@ -37,6 +37,7 @@ from tests.unit.webui.support import (
     csrf,
     login,
     make_users,
+    proxy_protocol,
     weight,
 )
 from webui import create_app
@@ -682,3 +683,76 @@ def test_secret_key_file_is_private(tmp_path: Path) -> None:
     key = tmp_path / "sub" / "key"
     settings_mod.read_secret_key(str(key))
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+
+
+# ---- the PROXY protocol of FULLNAT real servers (issue 21) --------------------------------
+
+
+def test_service_page_shows_the_proxy_setting_and_a_form_for_fullnat_servers(
+        admin: FlaskClient, kernel: Kernel) -> None:
+    html = admin.get(f"/services/{SID}").get_data(as_text=True)
+    assert ">PROXY</th>" in html and '<td class="proxy">off</td>' in html
+    assert "Set PROXY" in html and 'name="proxy_protocol"' in html
+    assert admin.get(f"/api/services/{SID}").get_json()["real_servers"][0][
+        "proxy_protocol"] == "off"
+    udp = admin.get(f"/services/{UDP_SID}").get_data(as_text=True)
+    assert "Set PROXY" not in udp and 'name="proxy_protocol"' not in udp
+
+
+def test_proxy_protocol_change_asks_first_then_edits_in_place(
+        admin: FlaskClient, kernel: Kernel, app: Flask) -> None:
+    url = f"/services/{SID}/rs/{RID1}/proxy-protocol"
+    r = admin.post(url, data={"proxy_protocol": "v2", "csrf_token": csrf(admin)})
+    assert r.status_code == 200 and b"from off to v2" in r.data
+    assert proxy_protocol(kernel) == "off" and audit_entries(app) == []
+    r = admin.post(url, data={"proxy_protocol": "v2", "confirm": "yes",
+                              "csrf_token": csrf(admin)})
+    assert r.status_code == 302 and proxy_protocol(kernel) == "v2"
+    assert weight(kernel) == 5  # an edit of the same real server, nothing else
+    assert [c.split(":")[0] for c in kernel.calls] == ["edit_dest"]
+    assert audit_entries(app)[-1]["action"] == "set_proxy_protocol"
+    html = admin.get(r.headers["Location"]).get_data(as_text=True)
+    assert "set to v2" in html and '<td class="proxy">v2</td>' in html
+
+
+@pytest.mark.parametrize("value", ["v3", "", "v 2", "on", "2", "v2\x00", "off;v2"])
+def test_a_bad_proxy_protocol_is_400_and_changes_nothing(admin: FlaskClient, kernel: Kernel,
+                                                         client: FlaskClient,
+                                                         value: str) -> None:
+    before = kernel.state()
+    r = admin.post(f"/services/{SID}/rs/{RID1}/proxy-protocol",
+                   data={"proxy_protocol": value, "confirm": "yes", "csrf_token": csrf(admin)})
+    assert r.status_code == 400 and b"proxy_protocol" in r.data
+    r = client.put(f"/api/services/{SID}/real-servers/{RID1}/proxy-protocol",
+                   json={"proxy_protocol": value}, headers=BEARER)
+    assert r.status_code == 400 and r.get_json()["field"] == "proxy_protocol"
+    assert kernel.state() == before and kernel.calls == []
+
+
+def test_proxy_protocol_needs_fullnat_and_tcp(admin: FlaskClient, kernel: Kernel,
+                                             client: FlaskClient) -> None:
+    before = kernel.state()
+    r = client.put(f"/api/services/{SID6}/real-servers/2001:db8:2::11_443/proxy-protocol",
+                   json={"proxy_protocol": "v1"}, headers=BEARER)
+    assert r.status_code == 400 and "needs FULLNAT" in r.get_json()["error"]
+    r = client.post(f"/api/services/{SID6}/real-servers", headers=BEARER,
+                    json={"addr": "2001:db8:2::12", "forward": "masq",
+                          "proxy_protocol": "v2"})
+    assert r.status_code == 400 and "needs FULLNAT" in r.get_json()["error"]
+    r = client.post(f"/api/services/{UDP_SID}/real-servers", headers=BEARER,
+                    json={"addr": "192.0.2.20", "forward": "fullnat", "proxy_protocol": "v2"})
+    assert r.status_code == 400 and "TCP services only" in r.get_json()["error"]
+    assert kernel.state() == before and kernel.calls == []
+    # "off" is what every other real server has: fine anywhere
+    r = client.post(f"/api/services/{UDP_SID}/real-servers", headers=BEARER,
+                    json={"addr": "192.0.2.20", "forward": "fullnat", "proxy_protocol": "off"})
+    assert r.status_code == 201 and r.get_json()["proxy_protocol"] == "off"
+
+
+def test_add_real_server_form_sets_the_header(admin: FlaskClient, kernel: Kernel) -> None:
+    add = {"addr": "192.0.2.13", "port": "", "weight": "1", "forward": "fullnat",
+           "proxy_protocol": "v1", "csrf_token": csrf(admin)}
+    assert b"PROXY protocol v1" in admin.post(f"/services/{SID}/rs", data=add).data
+    assert proxy_protocol(kernel, rid="192.0.2.13_80") is None
+    admin.post(f"/services/{SID}/rs", data={**add, "confirm": "yes"})
+    assert proxy_protocol(kernel, rid="192.0.2.13_80") == "v1"
