@@ -80,7 +80,9 @@ def test_a_scrape_shows_each_vip_and_the_flooded_one_moves(
     assert value(after, "ipvs_synproxy_cookie_acks_total", **nat, result="valid") == 0
     # the other VIP counts its one real client, and nothing of the flood
     assert value(after, syns, **fnat6) == 1
-    assert value(after, "ipvs_synproxy_cookie_acks_total", **fnat6, result="valid") == 1
+    # The client's handshake ACK, and its request when a second CPU sends it
+    # before the first made the connection (0019 lets that one find it)
+    assert value(after, "ipvs_synproxy_cookie_acks_total", **fnat6, result="valid") in (1, 2)
     assert value(after, "ipvs_synproxy_connections_proxied_total", **fnat6) == 1
     # the service without the SYN proxy has traffic series but no SYN-proxy ones
     plain = {"vip": v4.vip, "port": "8081", "protocol": "tcp"}

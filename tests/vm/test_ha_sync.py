@@ -25,12 +25,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
-from ipvs_synproxy.kernel.model import FwdMethod, SyncDaemon
+from ipvs_synproxy.kernel.model import FwdMethod, ProxyProtocol, SyncDaemon
 from ipvs_synproxy.kernel.netlink import IPVS
 from ipvs_synproxy_testbed import netns, syncmsg, topology
 from ipvs_synproxy_testbed.transfer import (
@@ -283,6 +283,75 @@ def test_without_sync_the_transfer_breaks_at_the_failover(ha: Pair, forward: str
         fail_over()
         with pytest.raises(OSError):
             t.finish(timeout=8)
+    finally:
+        for s in servers:
+            s.close()
+
+
+class ProxyBlobServer(CountingBlobServer):
+    """A BlobServer behind a PROXY v2 header: it keeps each header it read
+    (one per connection) and serves what follows as usual."""
+
+    def __init__(self, ns: str, addr: str, port: int) -> None:
+        self.headers: list[bytes] = []
+        super().__init__(ns, addr, port)
+
+    def handle(self, conn: socket.socket) -> None:
+        if conn.getpeername()[0] not in BALANCERS:
+            self.accepted += 1
+        threading.Thread(target=self._proxied, args=(conn,), daemon=True).start()
+
+    def _proxied(self, conn: socket.socket) -> None:
+        try:
+            head = recv_exact(conn, 16)
+            self.headers.append(head + recv_exact(conn, struct.unpack("!H", head[14:])[0]))
+        except OSError:
+            conn.close()
+            return
+        BlobServer._one(conn)
+
+
+def proxy_v2_header(client: tuple[str, int], vip: str, vport: int) -> bytes:
+    """What a real server must read first: PROXY, TCP over the client's family."""
+    caddr, vaddr = ipaddress.ip_address(client[0]), ipaddress.ip_address(vip)
+    fam = 0x11 if caddr.version == 4 else 0x21
+    body = caddr.packed + vaddr.packed + struct.pack("!HH", client[1], vport)
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, fam]) + struct.pack("!H", len(body)) + body
+
+
+@pytest.mark.parametrize(("family", "direction"), [("ipv4", "download"), ("ipv6", "upload")])
+def test_a_proxy_protocol_connection_goes_on_through_the_backup(
+        ha: Pair, family: str, direction: str) -> None:
+    """The backup learns where the PROXY header sits (sync option 0x32) and
+    goes on moving the client's sequence numbers past it: without it, the
+    backup would drop the client's segments (fullnat_proxy_no_state) or hand
+    the client ACKs for bytes it never sent, and the transfer would break."""
+    net = NETS[family]
+    configure(ha, net, FwdMethod.FULLNAT, sync=True)
+    for conn in (ha.master, ha.backup):
+        svc = next(s for s in conn.services() if s.port == PORT and str(s.addr) == net.vip)
+        for dest in conn.dests(svc):
+            conn.edit_dest(svc, replace(dest, proxy_protocol=ProxyProtocol.V2))
+    servers = [ProxyBlobServer(rs, net.rs[rs], PORT) for rs in ("rs1", "rs2")]
+    m0, b0 = ha.master.ext_stats(), ha.backup.ext_stats()
+    try:
+        t = PausedTransfer(net, direction, CASE_BYTES)
+        client = t.sock.getsockname()[:2]
+        assert wait_for(lambda: any("ESTABLISHED" in ln for ln in backup_conns(t.cport)),
+                        timeout=10), netns.run(LB2, ["ipvsadm", "-Lnc"]).stdout
+        fail_over()
+        digest = t.finish()
+        assert digest == expected_digest(CASE_BYTES), f"the {direction} arrived changed"
+        b1 = ha.backup.ext_stats()
+        got = {k: b1[k] - b0.get(k, 0) for k in b1}
+        # FULLNAT, SYN proxy and PROXY options, every one accepted
+        assert got["sync_opt_received"] >= 3, got
+        assert got["sync_opt_rejected"] == 0, got
+        assert got["fullnat_proxy_no_state"] == 0, got
+        # The server read one header, the master's, naming the client
+        headers = [h for s in servers for h in s.headers]
+        assert headers == [proxy_v2_header(client, net.vip, PORT)], headers
+        assert ha.master.ext_stats()["fullnat_proxy_sent"] - m0["fullnat_proxy_sent"] == 1
     finally:
         for s in servers:
             s.close()
