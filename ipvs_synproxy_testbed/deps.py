@@ -15,8 +15,14 @@ from ipvs_synproxy.build import keepalived as keepalived_build
 from ipvs_synproxy_testbed import vm
 
 # Used only by tests: the initramfs (cpio), the console's browser test, the DKMS install,
-# the generated man pages (groff checks them).
-TEST_DEBS = ["cpio", "chromium", "chromium-driver", "dkms", "groff-base"]
+# the generated man pages (groff checks them), and the real servers that require the
+# PROXY protocol in tests/vm/test_proxy_protocol.py (nginx, haproxy). The guest runs
+# the host's root filesystem, so those two must be installed on the host; the tests
+# start them in rs1/rs2 with their own configuration and never use the packages'
+# services (a host whose policy-rc.d forbids starting services, like a container's,
+# installs them without starting them; elsewhere they run with Debian's defaults).
+TEST_DEBS = ["cpio", "chromium", "chromium-driver", "dkms", "groff-base", "nginx",
+             "haproxy"]
 # promtool (the alert rules' checks and unit tests, monitoring/): taken out of
 # Debian's prometheus package, which is not installed (it would start a server).
 PROMTOOL_DEB, PROMTOOL_MEMBER = "prometheus", "./usr/bin/promtool"
