@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import random
 import socket
 import struct
@@ -273,17 +274,20 @@ def serve(specs: list[str]) -> None:
 
 
 class ServerProcess:
-    """:func:`serve` in a child process (``with ServerProcess([...]):``)."""
+    """:func:`serve` in a child process (``with ServerProcess([...]):``); or
+    another module's servers that, like it, print "ready" once they listen
+    and stop when their stdin closes."""
 
-    def __init__(self, specs: list[str]) -> None:
+    def __init__(self, specs: list[str],
+                 module: str = "ipvs_synproxy_testbed.transfer") -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ipvs_synproxy_testbed.transfer", *specs],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            [sys.executable, "-m", module, *specs],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if line.strip() != "ready":
             self.close()
-            raise RuntimeError(f"servers {specs} did not start: {line!r}")
+            raise RuntimeError(f"{module} servers {specs} did not start: {line!r}")
 
     def close(self) -> None:
         if self.proc.stdin:

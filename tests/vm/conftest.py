@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from ipvs_synproxy.build import keepalived as keepalived_build
 from ipvs_synproxy.kernel.netlink import IPVS
 from ipvs_synproxy_testbed import netns, peers, topology
 from ipvs_synproxy_testbed.vm import TEST_MARK
@@ -118,3 +120,13 @@ def lb2(topo: None) -> Iterator[str]:
         # after a failover): the entry would linger, stale, for seconds
         for ns in ("client", "rs1", "rs2"):
             netns.run(ns, ["ip", "neigh", "flush", "all"], check=False)
+
+
+@pytest.fixture(scope="module")
+def binary() -> Path:
+    """The keepalived built (and patched) on the host."""
+    path = keepalived_build.binary_path()
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `ipvs-synproxy keepalived build` on the host "
+                    "first (make vm-test does)")
+    return path

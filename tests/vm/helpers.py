@@ -438,3 +438,20 @@ class CraftedClient:
                                  tcp_seg(self.sport, 80, self.isn + 1 + self.sent,
                                       self.cookie + 1, RST | ACK, b""))])
         return self.cap.stop()
+
+
+def sack_blocks(opts: bytes) -> list[tuple[int, int]]:
+    """The blocks of the first SACK option in a TCP header's option bytes."""
+    i = 0
+    while i < len(opts) and opts[i] != 0:
+        if opts[i] == 1:
+            i += 1
+            continue
+        if i + 1 >= len(opts) or opts[i + 1] < 2:
+            break
+        kind, length = opts[i], opts[i + 1]
+        if kind == 5:
+            edges = struct.unpack_from(f"!{(length - 2) // 4}I", opts, i + 2)
+            return list(zip(edges[::2], edges[1::2], strict=True))
+        i += length
+    return []

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import socket
 import struct
 import subprocess
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ipvs_synproxy_testbed import netns
-from ipvs_synproxy_testbed.transfer import BlobServer, family_of
+from ipvs_synproxy_testbed.transfer import BlobServer, ServerProcess, family_of
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_MAX = 107          # the longest v1 line, CRLF included (the specification's limit)
@@ -362,35 +361,18 @@ class ProxyBlobServer(BlobServer):
         self._one(conn)
 
 
-class ProxyBlobProcess:
+class ProxyBlobProcess(ServerProcess):
     """:class:`ProxyBlobServer`\\ s in a child process (so that they do not share
     the client's interpreter), one per ``(ns, addr)``, all on ``port``."""
 
     def __init__(self, servers: list[tuple[str, str]], port: int, log: Path) -> None:
         self.log = log
         log.write_text("")
-        specs = [f"{ns},{addr},{port}" for ns, addr in servers]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.vm.proxy_servers", str(log), *specs],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if line.strip() != "ready":
-            self.close()
-            raise RuntimeError(f"PROXY blob servers did not start: {line!r}")
+        super().__init__([str(log), *(f"{ns},{addr},{port}" for ns, addr in servers)],
+                         module="tests.vm.proxy_servers")
 
     def headers(self) -> list[str]:
         return self.log.read_text().splitlines()
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def _serve(log: str, specs: list[str]) -> None:

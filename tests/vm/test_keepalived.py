@@ -89,15 +89,6 @@ class Keepalived:
         self.proc.wait(5)
 
 
-@pytest.fixture(scope="module")
-def binary() -> Path:
-    path = keepalived_build.binary_path()
-    if not path.exists():
-        pytest.fail(f"{path} is missing: run `ipvs-synproxy keepalived build` on the host "
-                    "first (make vm-test does)")
-    return path
-
-
 @pytest.fixture
 def daemons(binary: Path, lb: None, tmp_path: Path) -> Iterator[list[Keepalived]]:
     """Keepalived instances a test starts; all stopped afterwards."""

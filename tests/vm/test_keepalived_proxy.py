@@ -72,15 +72,6 @@ class DumpingKeepalived(Keepalived):
         self.proc.send_signal(signal.SIGHUP)
 
 
-@pytest.fixture(scope="module")
-def binary() -> Path:
-    path = keepalived_build.binary_path()
-    if not path.exists():
-        pytest.fail(f"{path} is missing: run `ipvs-synproxy keepalived build` on the host "
-                    "first (make vm-test does)")
-    return path
-
-
 @pytest.fixture
 def daemons(binary: Path, lb: None) -> Iterator[list[Keepalived]]:
     started: list[Keepalived] = []

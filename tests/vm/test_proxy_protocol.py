@@ -64,6 +64,7 @@ from tests.vm.helpers import (
     ext_stats_file,
     lb_sysctls,
     netem,
+    sack_blocks,
     wait_for,
 )
 from tests.vm.proxy_servers import (
@@ -506,22 +507,6 @@ def blob_transfer(net: Net, direction: str, n: int) -> int:
     return cport
 
 
-def _sack_blocks(opts: bytes) -> list[tuple[int, int]]:
-    i = 0
-    while i < len(opts) and opts[i] != 0:
-        if opts[i] == 1:
-            i += 1
-            continue
-        if i + 1 >= len(opts) or opts[i + 1] < 2:
-            break
-        kind, length = opts[i], opts[i + 1]
-        if kind == 5:
-            edges = struct.unpack_from(f"!{(length - 2) // 4}I", opts, i + 2)
-            return list(zip(edges[::2], edges[1::2], strict=True))
-        i += length
-    return []
-
-
 Seg = tuple[int, int, int, int, int, int, list[tuple[int, int]]]   # sport dport seq ack flags len
 
 
@@ -544,7 +529,7 @@ def segments(pcap: Path) -> list[Seg]:
         sport, dport, seq, ack, off, flags = struct.unpack_from("!HHIIBB", frame, t)
         doff = (off >> 4) * 4
         out.append((sport, dport, seq, ack, flags, l4len - doff,
-                    _sack_blocks(frame[t + 20:t + doff])))
+                    sack_blocks(frame[t + 20:t + doff])))
     return out
 
 

@@ -50,6 +50,7 @@ from tests.vm.helpers import (
     ns_sysctls,
     options_of,
     read_synacks,
+    sack_blocks,
     send_frames,
     syn_options,
     synproxy_service,
@@ -528,22 +529,6 @@ def netem_loss(ns: str, dev: str, percent: float) -> AbstractContextManager[None
     return netem(ns, dev, "loss", f"{percent}%")
 
 
-def _sack_blocks(opts: bytes) -> list[tuple[int, int]]:
-    i = 0
-    while i < len(opts) and opts[i] != 0:
-        if opts[i] == 1:
-            i += 1
-            continue
-        if i + 1 >= len(opts) or opts[i + 1] < 2:
-            break
-        kind, length = opts[i], opts[i + 1]
-        if kind == 5:
-            edges = struct.unpack_from(f"!{(length - 2) // 4}I", opts, i + 2)
-            return list(zip(edges[::2], edges[1::2], strict=True))
-        i += length
-    return []
-
-
 def _tcp_headers(frame: bytes) -> tuple[int, int, int, int, bytes] | None:
     """Source port, sequence number, flags, payload length and options of a TCP
     frame (read from the headers: the capture keeps only 128 bytes, and a
@@ -581,7 +566,7 @@ def _sack_blocks_outside_the_data(pcap: str, sender: str) -> tuple[int, list]:
                 end = (seq + payload + (flags & 1) - isn) % 2**32
                 sent_end = end if sent_end is None else max(sent_end, end)
         elif isn is not None:
-            for left, right in _sack_blocks(opts):
+            for left, right in sack_blocks(opts):
                 blocks.append(((left - isn) % 2**32, (right - isn) % 2**32, sent_end))
     assert isn is not None and sent_end is not None
     bad = [b for b in blocks if not (0 < b[0] < b[1] <= (b[2] or 0))]
