@@ -16,7 +16,9 @@ import pytest
 from ipvs_synproxy.build import keepalived as keepalived_build
 from ipvs_synproxy.kernel.netlink import IPVS
 from ipvs_synproxy_testbed import netns, peers, topology
+from ipvs_synproxy_testbed.transfer import ServerProcess
 from ipvs_synproxy_testbed.vm import TEST_MARK
+from tests.vm.helpers import FAMILIES, NETS
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -130,3 +132,13 @@ def binary() -> Path:
         pytest.fail(f"{path} is missing: run `ipvs-synproxy keepalived build` on the host "
                     "first (make vm-test does)")
     return path
+
+
+@pytest.fixture(scope="module")
+def blob_servers(topo: None) -> Iterator[ServerProcess]:
+    """BlobServers on port 8080 of rs1 and rs2 (v4 and v6) in a child process, so
+    the client and the servers do not share one interpreter's GIL."""
+    specs = [f"blob:{rs}:{a if ':' not in a else f'[{a}]'}:8080"
+             for rs in ("rs1", "rs2") for a in (NETS[f].rs[rs] for f in FAMILIES)]
+    with ServerProcess(specs) as proc:
+        yield proc

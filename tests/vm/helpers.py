@@ -119,8 +119,18 @@ class Capture:
                 self.frames.append(data)
 
     def stop(self) -> list[bytes]:
+        """Every frame that arrived until now: those the thread had no time to
+        read yet (a loaded emulated vCPU) are taken from the socket too."""
         self._stop.set()
         self._thread.join(5)
+        self.sock.setblocking(False)
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except OSError:  # BlockingIOError: drained
+                break
+            if addr[2] != socket.PACKET_OUTGOING:
+                self.frames.append(data)
         self.sock.close()
         return self.frames
 

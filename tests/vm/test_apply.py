@@ -9,6 +9,7 @@ real server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -289,6 +290,11 @@ class EchoServer:
                 conn.sendall(self.name.encode() + b":" + line)
 
     def close(self) -> None:
+        # shutdown wakes the thread blocked in accept(): close() alone would
+        # leave the socket listening until the guest stops (later tests on
+        # rs1:9000 then fail to bind)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         for c in self.conns:
             c.close()

@@ -262,16 +262,6 @@ def test_syn_ack_options_follow_the_sysctls(ipvs: IPVS, family: str) -> None:
 # ---- real transfers -----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def blob_servers(topo: None) -> Iterator[ServerProcess]:
-    """BlobServers on port 8080 of rs1 and rs2 (v4 and v6) in a child process, so
-    the client and the servers do not share one interpreter's GIL."""
-    specs = [f"blob:{rs}:{a if ':' not in a else f'[{a}]'}:8080"
-             for rs in ("rs1", "rs2") for a in (NETS[f].rs[rs] for f in FAMILIES)]
-    with ServerProcess(specs) as proc:
-        yield proc
-
-
 @contextmanager
 def core_rmem_max(value: int | None) -> Iterator[None]:
     """net.core.rmem_max is global (not per netns); Linux picks its window
