@@ -17,7 +17,8 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
-DATA = {"kernel_patches": "kernel_patches", "keepalived/patches": "keepalived/patches"}
+DATA = {"kernel_patches": "kernel_patches", "keepalived/patches": "keepalived/patches",
+        "xdp": "xdp"}
 # build products of a checkout's own use of the directories, never shipped
 IGNORE = shutil.ignore_patterns("*.o", "*.ko", "*.cmd", "*.mod", "*.mod.c", "Module.symvers",
                                 "modules.order", "__pycache__", "*.orig", "*.rej")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ipvs_synproxy.build import apt, kmod, paths
 from ipvs_synproxy.build import keepalived as keepalived_build
+from ipvs_synproxy.build import xdp as xdp_build
 from ipvs_synproxy_testbed import vm
 
 # Used only by tests: the initramfs (cpio), the console's browser test, the DKMS install,
@@ -38,7 +39,8 @@ def project_debs() -> list[str]:
     guest suite can run on each."""
     kernels = {deb for series in kmod.served_series() for deb in kmod.build_debs(series)}
     return sorted(kernels | set(kmod.BUILD_DEBS) | set(vm.GUEST_DEBS)
-                  | set(keepalived_build.BUILD_DEBS) | set(TEST_DEBS) | set(DEB_DEBS))
+                  | set(keepalived_build.BUILD_DEBS) | set(xdp_build.BUILD_DEBS)
+                  | set(TEST_DEBS) | set(DEB_DEBS))
 
 
 def promtool_path() -> Path:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 from ipvs_synproxy.exporter import collector, series
-from ipvs_synproxy.kernel import netlink
+from ipvs_synproxy.kernel import netlink, xdp
 from ipvs_synproxy.kernel import sysctl as sysctl_mod
 from ipvs_synproxy.kernel.model import (
     PROXY_PROTOCOL_NAMES,
@@ -427,8 +427,10 @@ class ConsoleService:
                  proc_stats: Callable[[], dict[str, int] | None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic,
                  allow_loopback: bool = False,
-                 flood: FloodThreshold = FloodThreshold()) -> None:
+                 flood: FloodThreshold = FloodThreshold(),
+                 services_changed: Callable[[Kernel], None] = lambda k: None) -> None:
         self._connect = connect
+        self._services_changed = services_changed
         self.allow_loopback = allow_loopback
         self._sysctls = sysctls
         self._proc_stats = proc_stats
@@ -442,7 +444,9 @@ class ConsoleService:
                   flood: FloodThreshold = FloodThreshold()) -> ConsoleService:
         return cls(lambda: netlink.IPVS(netns), sysctl_mod.Sysctls(netns),
                    lambda: read_proc_stats(netns), allow_loopback=allow_loopback,
-                   flood=flood)
+                   flood=flood,
+                   # an XDP program attached there answers the new set of VIPs
+                   services_changed=lambda k: xdp.mirror_services(netns, k.services))
 
     @contextlib.contextmanager
     def _kernel(self) -> Iterator[Kernel]:
@@ -661,6 +665,7 @@ class ConsoleService:
                 raise InputError(exc.message, "synproxy") from None
             if new.synproxy != svc.synproxy:
                 k.edit_service(new)
+                self._services_changed(k)
         return {"service": sid, "old_synproxy": svc.synproxy, "synproxy": on}
 
     # -- the exporter's reading, for /metrics

@@ -61,6 +61,7 @@ from ipvs_synproxy.adm.command import (
     AdmCommand,
     AdmUsageError,
 )
+from ipvs_synproxy.kernel import xdp
 from ipvs_synproxy.kernel.model import (
     Dest,
     FwdMethod,
@@ -202,6 +203,10 @@ def _need(value: _T | None) -> _T:
     return value
 
 
+# Commands after which an attached XDP program's VIP:ports are brought in step
+SERVICE_CHANGES = ("add-service", "edit-service", "delete-service", "flush")
+
+
 class _Runner:
     def __init__(self, io: Io, connect: Callable[[], IPVS], prog: str,
                  netns: str | None = None) -> None:
@@ -224,7 +229,10 @@ class _Runner:
     def run(self, cmd: AdmCommand, reading_stdin: bool = False) -> int:
         listing = cmd.command in ("list", "save", "laddr-list")
         try:
-            return self._run(cmd, reading_stdin)
+            result = self._run(cmd, reading_stdin)
+            if cmd.command in SERVICE_CHANGES and not reading_stdin:
+                self._mirror()
+            return result
         except IpvsUnavailable:
             raise
         except NotSupported as exc:
@@ -236,6 +244,15 @@ class _Runner:
             why = self._synproxy_refusal(cmd) if exc.code == errno.EINVAL else None
             self.io.stderr.write(f"{why or kernel_error_text(cmd.command, exc.code)}\n")
         return EXIT_LIST_ERROR if listing else EXIT_KERNEL
+
+    def _mirror(self) -> None:
+        """An XDP program attached in this namespace answers the SYN-proxy
+        VIP:ports the kernel has now; a failure there is said, not fatal."""
+        try:
+            xdp.mirror(self.ipvs)
+        except (xdp.XdpError, OSError) as exc:
+            self.io.stderr.write(f"warning: the XDP program's services were not updated: "
+                                 f"{exc}\n")
 
     def _synproxy_refusal(self, cmd: AdmCommand) -> str | None:
         """Why the kernel refused a real server for a SYN-proxy service, or
@@ -375,6 +392,7 @@ class _Runner:
         result = EXIT_OK
         for cmd in commands:
             result = self.run(cmd, reading_stdin=True)
+        self._mirror()
         return result
 
 

@@ -66,3 +66,8 @@ def patches_dir() -> Path:
 
 def keepalived_patches_dir() -> Path:
     return data_root() / "keepalived" / "patches"
+
+
+def xdp_source() -> Path:
+    """The XDP program's C source (xdp/ipvs_synproxy_xdp.c)."""
+    return data_root() / "xdp" / "ipvs_synproxy_xdp.c"

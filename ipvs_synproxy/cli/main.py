@@ -12,6 +12,7 @@ from ipvs_synproxy.cli import config as cli_config
 from ipvs_synproxy.cli import docs as cli_docs
 from ipvs_synproxy.cli import exporter as cli_exporter
 from ipvs_synproxy.cli import keepalived as cli_keepalived
+from ipvs_synproxy.cli import xdp as cli_xdp
 from webui import cli as webui_cli
 
 EXIT_USAGE = 2
@@ -222,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_config.register(sub)  # diff, apply, stats, sysctl
     cli_exporter.register(sub)  # the Prometheus exporter
+    cli_xdp.register(sub)  # the XDP fast path
     cli_keepalived.register(sub)  # keepalived render, build
     webui_cli.register(sub)  # the web console
     # ``adm`` takes ipvsadm's own command line: main() hands it over unparsed.

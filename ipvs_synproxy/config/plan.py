@@ -18,7 +18,7 @@ from typing import Protocol as Interface
 
 from ipvs_synproxy.config.load import Config
 from ipvs_synproxy.config.state import ServiceState, State
-from ipvs_synproxy.kernel import netlink
+from ipvs_synproxy.kernel import netlink, xdp
 from ipvs_synproxy.kernel import sysctl as sysctl_mod
 from ipvs_synproxy.kernel.model import (
     IP_VS_SVC_F_ONEPACKET,
@@ -456,5 +456,7 @@ def apply_plan(p: Plan, ipvs: netlink.IPVS, sysctls: sysctl_mod.Sysctls) -> None
     if p.problems:
         raise ValueError("refusing to apply a plan with problems")
     secret = p.config.secret
-    after = None if secret is None else (lambda: ipvs.set_synproxy_secret(secret))
+    # xdp.set_secret: the module's and any attached XDP program's, one path
+    after = None if secret is None else (lambda: xdp.set_secret(ipvs, secret))
     apply_changes(p.changes, KernelTarget(ipvs, sysctls), after)
+    xdp.mirror(ipvs)
