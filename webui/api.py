@@ -75,6 +75,11 @@ def ext_stats() -> ResponseReturnValue:
     return jsonify(console().ext())
 
 
+@bp.route("/xdp")
+def xdp() -> ResponseReturnValue:
+    return jsonify(console().xdp_counters())
+
+
 @bp.route("/attack")
 def attack() -> ResponseReturnValue:
     return jsonify(console().attack())

@@ -36,7 +36,8 @@ def service(sid: str) -> ResponseReturnValue:
 
 @bp.route("/synproxy")
 def synproxy() -> ResponseReturnValue:
-    return render_template("synproxy.html", data=console().ext(), attack=console().attack())
+    return render_template("synproxy.html", data=console().ext(), attack=console().attack(),
+                           xdp=console().xdp_counters())
 
 
 @bp.route("/sysctl")

@@ -17,7 +17,7 @@ import dataclasses
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from ipvs_synproxy.exporter import collector, series
@@ -273,6 +273,32 @@ class _RateSampler:
             return dict(self.rates)
 
 
+class _XdpSampler:
+    """Per-second rates of each XDP program's counters, per device (a device
+    seen for the first time starts at 0/s; one no longer attached is forgotten)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.devices: dict[str, _RateSampler] = {}
+
+    def update(self, devices: Iterable[xdp.DeviceStats]) -> list[dict[str, Any]]:
+        devs = list(devices)
+        with self.lock:
+            for gone in set(self.devices) - {d.dev for d in devs}:
+                del self.devices[gone]
+            samplers = [self.devices.setdefault(d.dev, _RateSampler(self.clock))
+                        for d in devs]
+        return [xdp_device_dict(d, s.update(d.stats)) for d, s in zip(devs, samplers,
+                                                                      strict=True)]
+
+
+def xdp_device_dict(d: xdp.DeviceStats, rates: Mapping[str, float]) -> dict[str, Any]:
+    """One interface of the XDP view: its mode (None: pinned, not attached), the
+    program's counters and their per-second rates."""
+    return {"device": d.dev, "mode": d.mode, "counters": dict(d.stats), "rates": dict(rates)}
+
+
 # ---- the attack view ----------------------------------------------------------------------
 #
 # Per SYN-proxy service, from its own counters (Service.sp_stats): SYNs, cookies, valid
@@ -428,8 +454,11 @@ class ConsoleService:
                  clock: Callable[[], float] = time.monotonic,
                  allow_loopback: bool = False,
                  flood: FloodThreshold = FloodThreshold(),
-                 services_changed: Callable[[Kernel], None] = lambda k: None) -> None:
+                 services_changed: Callable[[Kernel], None] = lambda k: None,
+                 xdp_stats: Callable[[], Iterable[xdp.DeviceStats]] = tuple) -> None:
         self._connect = connect
+        self._xdp_stats = xdp_stats
+        self._xdp_sampler = _XdpSampler(clock)
         self._services_changed = services_changed
         self.allow_loopback = allow_loopback
         self._sysctls = sysctls
@@ -446,7 +475,8 @@ class ConsoleService:
                    lambda: read_proc_stats(netns), allow_loopback=allow_loopback,
                    flood=flood,
                    # an XDP program attached there answers the new set of VIPs
-                   services_changed=lambda k: xdp.mirror_services(netns, k.services))
+                   services_changed=lambda k: xdp.mirror_services(netns, k.services),
+                   xdp_stats=lambda: xdp.all_stats(netns))
 
     @contextlib.contextmanager
     def _kernel(self) -> Iterator[Kernel]:
@@ -545,6 +575,12 @@ class ConsoleService:
             return {"available": False, "time": time.time(), "totals": {}, "rates": {}}
         return {"available": True, "time": time.time(), "totals": dict(ext),
                 "rates": self._sampler.update(ext)}
+
+    def xdp_counters(self) -> dict[str, Any]:
+        """The XDP fast path: per interface it is attached to, its mode and the
+        program's counters with per-second rates (no interface: an empty list)."""
+        return {"time": time.time(),
+                "devices": self._xdp_sampler.update(self._xdp_stats())}
 
     def attack(self) -> dict[str, Any]:
         """The attack view: every service that has (or had) the SYN proxy on, with its
@@ -673,4 +709,4 @@ class ConsoleService:
     def reading(self) -> collector.Reading:
         """One read for the exporter's collector (:mod:`ipvs_synproxy.exporter`); raises
         what netlink raises, which the collector reports as ``ipvs_synproxy_up 0``."""
-        return collector.read(self._connect, self._sysctls)
+        return collector.read(self._connect, self._sysctls, xdp=self._xdp_stats)

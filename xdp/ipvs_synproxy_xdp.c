@@ -12,6 +12,11 @@
  * sp_services goes up untouched (XDP_PASS); a malformed SYN to one is
  * dropped and counted.
  *
+ * A SYN on a tuple the program has seen other segments on (sp_flows) goes
+ * up to the module too: the tuple has, or had, a connection in IPVS, and
+ * only the module knows what to do with a SYN for it (session reuse, which
+ * needs the SYN's ISN; a live connection, whose real server must see it).
+ *
  * What the program needs from the control plane (maps):
  *	sp_services	VIP:port of every SYN-proxy service (addr, port, family)
  *	sp_config	the module's secret (IPVS_CMD_SET_SYNPROXY_SECRET), its
@@ -75,6 +80,7 @@ enum sp_xdp_stat {
 	SP_XDP_PASSED,		/* up the stack: not ours to answer */
 	SP_XDP_NOT_READY,	/* up the stack: no secret yet */
 	SP_XDP_NO_ROOM,		/* up the stack: the frame cannot take the answer */
+	SP_XDP_SYN_KNOWN,	/* up the stack: a SYN on a tuple with a past */
 	SP_XDP_STAT_MAX
 };
 
@@ -105,6 +111,22 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } sp_stats SEC(".maps");
+
+/* Tuples of the services' connections, as a 64-bit hash: recorded from any
+ * segment but a SYN, forgotten least recently used first. A collision, or a
+ * tuple forgotten, costs one SYN the module's answer instead of ours: both
+ * are cookies, so neither opens anything the other would not. Spoofed
+ * segments can fill it, and then SYNs of real reconnecting clients get the
+ * program's answer, as they would without it.
+ */
+#define SP_FLOWS	(1 << 17)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SP_FLOWS);
+	__type(key, __u64);
+	__type(value, __u8);
+} sp_flows SEC(".maps");
 
 static __always_inline int count(__u32 item, int verdict)
 {
@@ -175,6 +197,32 @@ static __always_inline __u64 le64(const __u8 *p)
 
 	__builtin_memcpy(&v, p, 8);
 	return v;	/* BPF programs here run on little-endian hosts */
+}
+
+/* -- connections seen ----------------------------------------------- */
+
+/* A tuple's key: the addresses and ports mixed into 64 bits. Nothing
+ * cryptographic is needed: a collision, even a crafted one, only sends a
+ * SYN to the module.
+ */
+static __always_inline __u64 sp_mix(__u64 h, __u64 v)
+{
+	h ^= v;
+	h *= 0x9e3779b97f4a7c15ULL;
+	return h ^ h >> 29;
+}
+
+static __always_inline __u64 sp_flow_hash(const __u8 *addrs, __u32 addrlen,
+					  __be16 sport, __be16 dport)
+{
+	__u64 h = sp_mix(addrlen, le64(addrs));
+
+	if (addrlen == 32) {
+		h = sp_mix(h, le64(addrs + 8));
+		h = sp_mix(h, le64(addrs + 16));
+		h = sp_mix(h, le64(addrs + 24));
+	}
+	return sp_mix(h, (__u64)sport << 16 | dport);
 }
 
 /* -- the module's cookie -------------------------------------------- */
@@ -483,32 +531,69 @@ static __always_inline int sp_put_tcp(void *th, void *end,
 #undef SP_PUT
 }
 
-/* Is it a SYN (no ACK/RST/FIN) to a SYN-proxy VIP:port? -1 when not ours,
- * 0 when ours but malformed, 1 when a: holds what the answer needs.
+enum sp_kind {
+	SP_NOT_OURS,	/* not to a SYN-proxy VIP:port */
+	SP_SEGMENT,	/* to one, not a SYN: its tuple recorded */
+	SP_MALFORMED,	/* a SYN to one with a bad header */
+	SP_KNOWN,	/* a SYN on a tuple recorded: the module's */
+	SP_ANSWER,	/* a SYN to answer: a holds what the answer needs */
+};
+
+/* Has the tuple (a->msg's addresses, the segment's ports) carried segments
+ * other than SYNs? With record, it now has.
  */
-static __always_inline int sp_classify(struct tcphdr *th, void *end,
-				       struct sp_service_key *svc,
-				       struct sp_answer *a)
+static __always_inline int sp_seen(const struct sp_answer *a, __u32 addrlen,
+				   const struct tcphdr *th, int record)
+{
+	__u64 key = sp_flow_hash(a->msg, addrlen, th->source, th->dest);
+	__u8 one = 1;
+
+	if (bpf_map_lookup_elem(&sp_flows, &key))
+		return 1;
+	if (record)
+		bpf_map_update_elem(&sp_flows, &key, &one, BPF_ANY);
+	return 0;
+}
+
+/* What is the segment to us? a->msg holds the addresses (addrlen bytes). */
+static __always_inline enum sp_kind sp_classify(struct tcphdr *th, void *end,
+						struct sp_service_key *svc,
+						struct sp_answer *a,
+						__u32 addrlen)
 {
 	__u32 thlen;
 
 	if ((void *)(th + 1) > end)
-		return -1;
-	if (!th->syn || th->ack || th->rst || th->fin)
-		return -1;
+		return SP_NOT_OURS;
 	svc->port = th->dest;
 	if (!bpf_map_lookup_elem(&sp_services, svc))
-		return -1;
+		return SP_NOT_OURS;
+	if (!th->syn || th->ack || th->rst || th->fin) {
+		sp_seen(a, addrlen, th, 1);
+		return SP_SEGMENT;
+	}
 	thlen = th->doff * 4;
 	if (thlen < sizeof(*th) || (void *)th + thlen > end)
-		return 0;
+		return SP_MALFORMED;
 	if (!sp_parse_opts((__u8 *)(th + 1), end, thlen - sizeof(*th), &a->o))
-		return 0;
+		return SP_MALFORMED;
+	if (sp_seen(a, addrlen, th, 0))
+		return SP_KNOWN;
 	a->o.ecn = th->ece && th->cwr;
 	a->sport = th->source;
 	a->dport = th->dest;
 	a->isn = bpf_ntohl(th->seq);
-	return 1;
+	return SP_ANSWER;
+}
+
+/* The verdict for a segment that is not answered */
+static __always_inline int sp_not_answered(enum sp_kind kind)
+{
+	if (kind == SP_MALFORMED)
+		return count(SP_XDP_SYN_MALFORMED, XDP_DROP);
+	if (kind == SP_KNOWN)
+		return count(SP_XDP_SYN_KNOWN, XDP_PASS);
+	return count(SP_XDP_PASSED, XDP_PASS);
 }
 
 static __always_inline void sp_msg_tail(struct sp_answer *a, __u32 off)
@@ -549,7 +634,7 @@ static __always_inline int sp_ipv4(struct xdp_md *ctx,
 	struct tcphdr *th;
 	__u32 tcplen, saddr, daddr;
 	__u64 sum;
-	int kind;
+	enum sp_kind kind;
 
 	if ((void *)(iph + 1) > end || iph->protocol != IPPROTO_TCP)
 		return count(SP_XDP_PASSED, XDP_PASS);
@@ -557,16 +642,17 @@ static __always_inline int sp_ipv4(struct xdp_md *ctx,
 	if (iph->ihl != 5 || (iph->frag_off & bpf_htons(0x3fff)))
 		return count(SP_XDP_PASSED, XDP_PASS);
 	__builtin_memcpy(svc.addr, &iph->daddr, 4);
-	th = (void *)(iph + 1);
-	kind = sp_classify(th, end, &svc, &a);
-	if (kind < 0)
-		return count(SP_XDP_PASSED, XDP_PASS);
-	if (!kind || bpf_ntohs(iph->tot_len) < sizeof(*iph) + th->doff * 4)
-		return count(SP_XDP_SYN_MALFORMED, XDP_DROP);
 	saddr = iph->saddr;
 	daddr = iph->daddr;
 	__builtin_memcpy(a.msg, &saddr, 4);
 	__builtin_memcpy(a.msg + 4, &daddr, 4);
+	th = (void *)(iph + 1);
+	kind = sp_classify(th, end, &svc, &a, 8);
+	if (kind == SP_ANSWER &&
+	    bpf_ntohs(iph->tot_len) < sizeof(*iph) + th->doff * 4)
+		kind = SP_MALFORMED;
+	if (kind != SP_ANSWER)
+		return sp_not_answered(kind);
 	sp_msg_tail(&a, 8);
 	k = sp_key(cfg);
 	if (!k)
@@ -618,22 +704,22 @@ static __always_inline int sp_ipv6(struct xdp_md *ctx,
 	struct tcphdr *th;
 	__u32 tcplen;
 	__u64 sum;
-	int kind;
+	enum sp_kind kind;
 
 	/* extension headers: the module deals with those */
 	if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_TCP)
 		return count(SP_XDP_PASSED, XDP_PASS);
 	__builtin_memcpy(svc.addr, &ip6->daddr, 16);
-	th = (void *)(ip6 + 1);
-	kind = sp_classify(th, end, &svc, &a);
-	if (kind < 0)
-		return count(SP_XDP_PASSED, XDP_PASS);
-	if (!kind || bpf_ntohs(ip6->payload_len) < th->doff * 4)
-		return count(SP_XDP_SYN_MALFORMED, XDP_DROP);
 	saddr = ip6->saddr;
 	daddr = ip6->daddr;
 	__builtin_memcpy(a.msg, &saddr, 16);
 	__builtin_memcpy(a.msg + 16, &daddr, 16);
+	th = (void *)(ip6 + 1);
+	kind = sp_classify(th, end, &svc, &a, 32);
+	if (kind == SP_ANSWER && bpf_ntohs(ip6->payload_len) < th->doff * 4)
+		kind = SP_MALFORMED;
+	if (kind != SP_ANSWER)
+		return sp_not_answered(kind);
 	sp_msg_tail(&a, 32);
 	k = sp_key(cfg);
 	if (!k)

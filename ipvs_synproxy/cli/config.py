@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from ipvs_synproxy.build import xdp as xdp_build
 from ipvs_synproxy.cli import guard
 from ipvs_synproxy.config import load as config_load
 from ipvs_synproxy.config import plan as config_plan
@@ -23,6 +24,8 @@ from ipvs_synproxy.kernel import netlink, stats, sysctl
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+NEW_SECRET = ("a new random cookie secret is set in the IPVS module and the XDP programs "
+              "(no cookie_secret_file; the module's cannot be read back to give to them)")
 
 
 def _err(msg: str) -> None:
@@ -67,6 +70,7 @@ def _plan_json(p: config_plan.Plan) -> dict[str, Any]:
             "changes": [config_plan.change_dict(c) for c in p.changes],
             "summary": config_plan.counts(p.changes),
             "cookie_secret": p.config.secret_file,
+            "new_random_secret": p.new_secret,
             "problems": p.problems}
 
 
@@ -110,6 +114,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         if p.config.secret_file:
             print(f"cookie secret from {p.config.secret_file} is set on every apply "
                   "(it cannot be read back to compare)")
+        elif p.new_secret:
+            print(NEW_SECRET)
         for problem in p.problems:
             print(f"problem: {problem}")
     if args.exit_code:
@@ -155,7 +161,7 @@ def _apply_locked(args: argparse.Namespace) -> int:
                 print(f"saved the live table to {saved.dump} "
                       "(ipvs-synproxy restore puts it back)")
         try:
-            config_plan.apply_plan(p, ipvs, sysctl.Sysctls(args.netns))
+            config_plan.apply_plan(p, ipvs, sysctl.Sysctls(args.netns), xdp_build.build)
         except config_plan.ApplyError as exc:
             guard.log_changes([f"{exc} (rolled back)"], f"apply {args.file} failed")
             if args.json:
@@ -176,6 +182,9 @@ def _apply_locked(args: argparse.Namespace) -> int:
             print(line)
         if p.config.secret_file:
             print(f"cookie secret set from {p.config.secret_file}")
+        elif p.new_secret:
+            print("cookie secret: a new random one, set in the IPVS module and the XDP "
+                  "programs")
         if p.changes:
             print("applied")
     return 0
@@ -220,13 +229,20 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+Sample = tuple[stats.Snapshot, dict[str, float] | None, stats.XdpRates | None]
+
+
 def _samples(ipvs: netlink.IPVS, watch: float | None, count: int | None
-             ) -> Iterator[tuple[stats.Snapshot, dict[str, float] | None]]:
+             ) -> Iterator[Sample]:
+    """Snapshots, each with the rates since the one before (none for the first)."""
     prev = None
     n = 0
     while True:
         snap = stats.snapshot(ipvs)
-        yield snap, (stats.ext_rates(prev, snap) if prev is not None else None)
+        if prev is None:
+            yield snap, None, None
+        else:
+            yield snap, stats.ext_rates(prev, snap), stats.xdp_rates(prev, snap)
         n += 1
         if watch is None or (count is not None and n >= count):
             return
@@ -240,23 +256,28 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         with _connect(args.netns) as ipvs:
-            for i, (snap, rates) in enumerate(_samples(ipvs, args.watch, args.count)):
-                if args.json:
-                    _print_json(stats.to_json(snap, rates))
-                else:
-                    if i:
-                        print()
-                    if args.watch is not None:
-                        print(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.wall)))
-                    for line in stats.format_table(snap, rates, exact=args.exact):
-                        print(line)
-                sys.stdout.flush()
+            for i, sample in enumerate(_samples(ipvs, args.watch, args.count)):
+                _print_sample(args, i, sample)
     except netlink.NetlinkError as exc:
         _err(str(exc))
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def _print_sample(args: argparse.Namespace, i: int, sample: Sample) -> None:
+    snap, rates, xrates = sample
+    if args.json:
+        _print_json(stats.to_json(snap, rates, xrates))
+    else:
+        if i:
+            print()
+        if args.watch is not None:
+            print(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.wall)))
+        for line in stats.format_table(snap, rates, exact=args.exact, xrates=xrates):
+            print(line)
+    sys.stdout.flush()
 
 
 def _knob_json(name: str, value: sysctl.Value | None) -> dict[str, Any]:
@@ -371,9 +392,11 @@ def _netns_arg(p: argparse.ArgumentParser) -> None:
 def register(sub: Any) -> None:
     """Add diff, apply, stats and sysctl to the ``ipvs-synproxy`` subparsers."""
     d = sub.add_parser("diff", help="show what applying a config file would change",
-                       description="Compare a config file with the kernel's IPVS table "
-                                   "and sysctls and list the services, real servers, "
-                                   "laddrs and sysctls to add, edit or delete.")
+                       description="Compare a config file with the kernel's IPVS table, "
+                                   "sysctls and XDP programs and list the services, real "
+                                   "servers, laddrs and sysctls to add, edit or delete, and "
+                                   "the interfaces to attach the XDP fast path to or "
+                                   "detach it from.")
     d.add_argument("file", help="YAML config file (see docs/operator-guide.md)")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.add_argument("--exit-code", action="store_true",
@@ -427,10 +450,15 @@ def register(sub: Any) -> None:
     _netns_arg(r)
     r.set_defaults(func=_cmd_restore)
 
-    s = sub.add_parser("stats", help="service, real-server and extended counters")
+    s = sub.add_parser("stats", help="service, real-server, extended and XDP counters",
+                       description="Per service and real server: connections, packets, "
+                                   "bytes and the kernel's rate estimates; then the "
+                                   "extended counters of the ipvs-synproxy modules; then, "
+                                   "for each interface with the XDP fast path attached "
+                                   "(ipvs-synproxy xdp), its mode and counters.")
     s.add_argument("--watch", type=float, metavar="SECONDS", default=None,
                    help="repeat every SECONDS, with per-second rates of the extended "
-                        "counters")
+                        "and XDP counters")
     s.add_argument("--count", type=int, default=None, metavar="N",
                    help="with --watch: stop after N samples")
     s.add_argument("--exact", action="store_true", help="full numbers instead of K/M/G")

@@ -8,7 +8,7 @@ from functools import partial
 from typing import Any
 
 from ipvs_synproxy.exporter import collector, serve
-from ipvs_synproxy.kernel import netlink
+from ipvs_synproxy.kernel import netlink, xdp
 from ipvs_synproxy.kernel import sysctl as sysctl_mod
 
 
@@ -34,7 +34,7 @@ def _cmd_exporter(args: argparse.Namespace) -> int:
         _err(str(exc))
         return 2
     read = partial(collector.read, partial(netlink.IPVS, args.netns),
-                   sysctl_mod.Sysctls(args.netns))
+                   sysctl_mod.Sysctls(args.netns), xdp=partial(xdp.all_stats, args.netns))
     if args.once:
         try:
             reading = read()
@@ -64,10 +64,12 @@ def register(sub: Any) -> None:
                     "service (labels vip, port, protocol) the SYN proxy's SYNs, cookies, "
                     "cookie ACKs, proxied connections and drops by reason; per real server "
                     "its weight, connections, packets and bytes; per FULLNAT local address "
-                    "its ports used and free; the cookie key's epoch (never the secret) and "
-                    "the sync daemons. docs/metrics.md lists every series. It needs "
-                    "CAP_NET_ADMIN (IPVS reads are privileged). node_exporter's node_ipvs_* "
-                    "series are not repeated here.")
+                    "its ports used and free; the cookie key's epoch (never the secret), "
+                    "the sync daemons and, per interface with the XDP fast path, its mode "
+                    "and counters. docs/metrics.md lists every series. It needs "
+                    "CAP_NET_ADMIN (IPVS reads are privileged); the XDP series need the "
+                    "programs' pins under /sys/fs/bpf readable (root). node_exporter's "
+                    "node_ipvs_* series are not repeated here.")
     e.add_argument("--listen", default=serve.DEFAULT_LISTEN, metavar="ADDRESS:PORT",
                    help=f"where to serve (default {serve.DEFAULT_LISTEN}, loopback only; "
                         "[::1]:PORT for IPv6, :PORT for every address)")

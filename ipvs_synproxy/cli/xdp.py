@@ -11,6 +11,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ipvs_synproxy.build import xdp as xdp_build
+from ipvs_synproxy.build.apt import DependencyError
 from ipvs_synproxy.config.load import read_secret
 from ipvs_synproxy.kernel import netlink, xdp
 from ipvs_synproxy.kernel.model import ModelError
@@ -30,22 +31,37 @@ def _attach(args: argparse.Namespace) -> int:
         obj = xdp_build.build()
         with netlink.IPVS(args.netns) as ipvs:
             # The module signs with this secret from now on too (the program
-            # cannot read the module's): the same path as every later change
-            ipvs.set_synproxy_secret(secret)
-            st = xdp.attach(obj, args.dev, args.netns, secret, ipvs.services(), args.mode)
-    except (ModelError, xdp.XdpError, xdp_build.XdpBuildError, netlink.NetlinkError,
-            OSError) as exc:
+            # cannot read the module's): attach sets both through
+            # xdp.set_secret once the program is pinned, before it is attached
+            st = xdp.attach(obj, args.dev, args.netns, ipvs, secret, args.mode)
+    except (ModelError, xdp.XdpError, xdp_build.XdpBuildError, DependencyError,
+            netlink.NetlinkError, OSError) as exc:
         return _err(str(exc))
     print(f"{st.dev}: attached ({st.attached}), answering {st.services} SYN-proxy VIP:port(s)")
     return 0
 
 
 def _detach(args: argparse.Namespace) -> int:
+    rc = 0
+    for dev in args.devs:
+        try:
+            xdp.detach(dev, args.netns)
+        except (xdp.XdpError, OSError) as exc:
+            rc = _err(str(exc))
+            continue
+        print(f"{dev}: detached; SYNs go to the IPVS module again")
+    return rc
+
+
+def _mirror(args: argparse.Namespace) -> int:
     try:
-        xdp.detach(args.dev, args.netns)
-    except (xdp.XdpError, OSError) as exc:
+        with netlink.IPVS(args.netns) as ipvs:
+            xdp.mirror(ipvs)
+            devs = xdp.attached_devices(args.netns)
+    except (xdp.XdpError, netlink.NetlinkError, OSError) as exc:
         return _err(str(exc))
-    print(f"{args.dev}: detached; SYNs go to the IPVS module again")
+    print(f"mirrored the SYN-proxy VIP:ports into {len(devs)} program(s)"
+          + (f": {', '.join(devs)}" if devs else ""))
     return 0
 
 
@@ -91,12 +107,18 @@ def register(sub: Any) -> None:
                         "config file's cookie_secret_file; default: a new random one")
     a.set_defaults(func=_attach)
     d = xs.add_parser("detach", help="take the program off DEV: SYNs go to the module")
-    d.add_argument("dev", metavar="DEV")
+    d.add_argument("devs", metavar="DEV", nargs="+")
     d.set_defaults(func=_detach)
+    m = xs.add_parser("mirror", help="answer exactly the kernel's SYN-proxy VIP:ports now",
+                      description="Make every program of the namespace answer exactly the "
+                                  "SYN-proxy TCP VIP:ports the kernel has. ipvsadm-sp, apply "
+                                  "and the console do it after each change; run it after "
+                                  "something else changed services (a keepalived reload).")
+    m.set_defaults(func=_mirror)
     s = xs.add_parser("status", help="where it is attached, in which mode, its counters")
     s.add_argument("dev", metavar="DEV", nargs="?")
     s.add_argument("--json", action="store_true", help="machine-readable")
     s.set_defaults(func=_status)
-    for p in (a, d, s):
+    for p in (a, d, m, s):
         p.add_argument("--netns", metavar="NAME", default=None,
                        help="network namespace of DEV (default: the current one)")

@@ -7,7 +7,9 @@ the VRRP instances. :func:`render` turns a loaded :class:`config.Config` into
 the text of a keepalived.conf for keepalived 2.2.7 with this project's
 patches (``lvs_method FNAT``, ``syn_proxy``, ``local_address_group`` /
 ``laddr_group_name``, a real server's ``proxy_protocol``; see
-keepalived/patches/). The Jinja2 templates are this package's data
+keepalived/patches/). The file's ``xdp:`` interfaces become notify scripts
+of the VRRP instance on each (:func:`xdp_scripts`): the XDP fast path runs
+where this balancer is master. The Jinja2 templates are this package's data
 (``templates/``); this module hands them formatted, validated values only, so
 the output is a pure function of the file: rendering the same file twice
 gives the same bytes.
@@ -25,7 +27,7 @@ import jinja2
 
 from ipvs_synproxy.config.keepalived_settings import HealthCheck, KeepalivedSettings, VrrpInstance
 from ipvs_synproxy.config.load import Config
-from ipvs_synproxy.config.state import ServiceState
+from ipvs_synproxy.config.state import ServiceState, XdpAttachment
 from ipvs_synproxy.kernel.model import (
     IP_VS_SVC_F_ONEPACKET,
     IP_VS_SVC_F_SCHED1,
@@ -159,8 +161,43 @@ def _virtual_server(st: ServiceState, check: HealthCheck, default_fwd: FwdMethod
     }
 
 
-def _vrrp(vi: VrrpInstance) -> dict[str, Any]:
-    return {"name": vi.name, "state": vi.state, "interface": vi.interface,
+def xdp_scripts(cfg: Config) -> dict[str, dict[str, str]]:
+    """VRRP instance name -> its ``attach`` and ``detach`` command lines for
+    the XDP fast path of the file's ``xdp:`` interfaces: the first instance
+    on an interface attaches the program there when it becomes master
+    (``notify_master``) and takes it off when it becomes backup or faulty
+    (``notify_backup``, ``notify_fault``); keepalived's ``shutdown_script``
+    takes them all off (:func:`xdp_shutdown`). Each attach reads the table
+    afresh and sets the cookie secret in the module and the program: the
+    file's (``cookie_secret_file``), or a new random one."""
+    ka = cfg.keepalived or KeepalivedSettings()
+    out: dict[str, dict[str, str]] = {}
+    for a in cfg.xdp:
+        vi = next((vi for vi in ka.vrrp if vi.interface == a.dev), None)
+        if vi is not None:
+            out[vi.name] = _xdp_commands(ka.xdp_command, a, cfg.secret_file)
+    return out
+
+
+def xdp_shutdown(cfg: Config, scripts: dict[str, dict[str, str]]) -> str | None:
+    """The ``shutdown_script`` that detaches every program the instances
+    attach, once keepalived has stopped (and removed its services): unlike
+    ``notify_stop``, which keepalived kills after a second, it has ten."""
+    ka = cfg.keepalived or KeepalivedSettings()
+    devs = [vi.interface for vi in ka.vrrp if vi.name in scripts]
+    return f"{ka.xdp_command} xdp detach {' '.join(devs)}" if devs else None
+
+
+def _xdp_commands(command: str, a: XdpAttachment, secret_file: str | None
+                  ) -> dict[str, str]:
+    attach = f"{command} xdp attach {a.dev} --mode {a.mode}"
+    if secret_file is not None:
+        attach += f" --secret-file {secret_file}"
+    return {"attach": attach, "detach": f"{command} xdp detach {a.dev}"}
+
+
+def _vrrp(vi: VrrpInstance, xdp: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"name": vi.name, "state": vi.state, "interface": vi.interface, "xdp": xdp,
             "virtual_router_id": vi.virtual_router_id, "priority": vi.priority,
             "advert_int": vi.advert_int, "preempt": vi.preempt, "auth_pass": vi.auth_pass,
             "unicast_src_ip": vi.unicast_src_ip, "unicast_peers": list(vi.unicast_peers),
@@ -184,11 +221,13 @@ def context(cfg: Config) -> dict[str, Any]:
         raise ka.problems[0]
     services = cfg.state.services
     checks = ka.checks or tuple(HealthCheck() for _ in services)
+    scripts = xdp_scripts(cfg)
     return {
         "source": os.path.basename(cfg.path),
         "router_id": ka.router_id,
-        "script_security": any(c.kind == "misc" for c in checks),
-        "vrrp": [_vrrp(vi) for vi in ka.vrrp],
+        "script_security": any(c.kind == "misc" for c in checks) or bool(scripts),
+        "xdp_shutdown": xdp_shutdown(cfg, scripts),
+        "vrrp": [_vrrp(vi, scripts.get(vi.name)) for vi in ka.vrrp],
         "pair": None if ka.pair is None else {
             "interface": ka.pair.sync_interface, "instance": ka.pair.sync_instance,
             "syncid": ka.pair.syncid, "group": ka.pair.sync_group,

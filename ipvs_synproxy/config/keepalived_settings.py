@@ -31,7 +31,7 @@ from ipvs_synproxy.config.reader import (
     read_bool,
     typename,
 )
-from ipvs_synproxy.config.state import ServiceState
+from ipvs_synproxy.config.state import ServiceState, XdpAttachment
 from ipvs_synproxy.kernel.model import (
     IP_VS_SVC_F_ONEPACKET,
     FwdMethod,
@@ -48,7 +48,7 @@ CHECK_TYPES = ("tcp", "http", "misc", "none")
 CHECK_KEYS = ("type", "interval", "timeout", "retry", "delay_before_retry", "port", "path",
               "status_code", "command", "inhibit_on_failure")
 HTTP_ONLY = ("path", "status_code")
-SECTION_KEYS = ("router_id", "healthcheck", "vrrp", "pair")
+SECTION_KEYS = ("router_id", "healthcheck", "vrrp", "pair", "xdp_command")
 PAIR_KEYS = ("sync_interface", "sync_instance", "syncid", "sync_group")
 VRRP_KEYS = ("name", "interface", "state", "virtual_router_id", "priority", "advert_int",
              "preempt", "auth_pass", "unicast_src_ip", "unicast_peers", "vips")
@@ -56,6 +56,10 @@ VRRP_KEYS = ("name", "interface", "state", "virtual_router_id", "priority", "adv
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _IFNAME = re.compile(r"[A-Za-z0-9_.@:-]{1,15}")
 _PATH = re.compile(r"/[!-~]*")  # an HTTP path: printable, no blanks
+# an absolute path a notify script line can carry unquoted
+_FILE = re.compile(r"/[A-Za-z0-9_.,+=@%/-]*")
+# what the Debian package installs (and its units run)
+XDP_COMMAND = "/usr/sbin/ipvs-synproxy"
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,8 @@ class KeepalivedSettings:
     checks: tuple[HealthCheck, ...] = ()
     vrrp: tuple[VrrpInstance, ...] = ()
     pair: Pair | None = None
+    # the ipvs-synproxy that the notify scripts of the XDP fast path run
+    xdp_command: str = XDP_COMMAND
     problems: tuple[ConfigError, ...] = field(default=(), compare=False)
 
 
@@ -402,9 +408,45 @@ def _read_pair(r: Reader, raw: object, line: int, vrrp: Sequence[VrrpInstance],
     return Pair(**kw)
 
 
-def read(r: Reader, top: YamlMap, services: Sequence[ServiceState]) -> KeepalivedSettings:
+def _xdp_problems(r: Reader, top: YamlMap, xdp: Sequence[XdpAttachment],
+                  vrrp: Sequence[VrrpInstance], pair: Pair | None) -> list[ConfigError]:
+    """What keeps the XDP fast path from being rendered: keepalived attaches
+    it when this balancer becomes master of the VRRP instance on its
+    interface, so there must be one; and each attach sets the module's
+    secret, which a pair must share."""
+    out: list[ConfigError] = []
+    raw = top.get("xdp")
+    lines = raw.item_lines if isinstance(raw, YamlSeq) else [r.at(top, "xdp")] * len(xdp)
+    on = {vi.interface for vi in vrrp}
+    for i, a in enumerate(xdp):
+        if a.dev not in on:
+            out.append(r.err(lines[i], f"xdp[{i}]", f"keepalived attaches the XDP program to "
+                             f"{a.dev} when this balancer becomes master of the VRRP "
+                             f"instance on {a.dev}, and no instance is on {a.dev}"))
+    if not xdp or "cookie_secret_file" in top:
+        return out
+    if pair is not None:
+        out.append(r.err(r.at(top, "xdp"), "xdp", "a pair shares one cookie secret, and every "
+                         "attach of the XDP program sets the module's: name it in "
+                         "cookie_secret_file"))
+    return out
+
+
+def _secret_path_problem(r: Reader, top: YamlMap, xdp: Sequence[XdpAttachment]
+                         ) -> list[ConfigError]:
+    path = top.get("cookie_secret_file")
+    if not xdp or not isinstance(path, str) or _FILE.fullmatch(path.strip()):
+        return []
+    return [r.err(r.at(top, "cookie_secret_file"), "cookie_secret_file",
+                  "the XDP notify scripts cannot carry this path (letters, digits and "
+                  "_ . , + = @ % / - only)")]
+
+
+def read(r: Reader, top: YamlMap, services: Sequence[ServiceState],
+         xdp: Sequence[XdpAttachment] = ()) -> KeepalivedSettings:
     """The ``keepalived`` section of ``top`` and the services' ``healthcheck``
-    keys (``services`` are the already validated services of ``top``)."""
+    keys (``services`` are the already validated services of ``top``, ``xdp``
+    its already validated XDP interfaces)."""
     section = top.get("keepalived")
     if section is None:
         section = YamlMap()
@@ -449,5 +491,11 @@ def read(r: Reader, top: YamlMap, services: Sequence[ServiceState]) -> Keepalive
         kw["vrrp"] = tuple(instances)
     if "pair" in m:
         kw["pair"] = _read_pair(r, m["pair"], r.at(m, "pair"), kw.get("vrrp", ()), services)
-    kw["problems"] = tuple(_problems(r, top, services))
+    if "xdp_command" in m:
+        kw["xdp_command"] = r.parse(m, "xdp_command", "keepalived", lambda s: _word(
+            m["xdp_command"], s, "xdp_command", _FILE,
+            "an absolute path (letters, digits and _ . , + = @ % / - only)"))
+    kw["problems"] = tuple(_problems(r, top, services)
+                           + _xdp_problems(r, top, xdp, kw.get("vrrp", ()), kw.get("pair"))
+                           + _secret_path_problem(r, top, xdp))
     return KeepalivedSettings(**kw)

@@ -2,7 +2,8 @@
 
 The file describes the whole IPVS table of one network namespace (services,
 their real servers and laddr pools) plus the ``net.ipv4.vs.*`` sysctls it
-names and, optionally, where the SYN-proxy cookie secret lives. The schema is
+names, optionally where the SYN-proxy cookie secret lives, and the interfaces
+that run the XDP fast path (:mod:`~ipvs_synproxy.config.xdp_settings`). The schema is
 documented in ``docs/operator-guide.md``; :func:`load` turns the file into a
 :class:`Config` of :mod:`~ipvs_synproxy.kernel.model` values or raises
 :class:`~ipvs_synproxy.config.reader.ConfigError` naming ``file:line`` and the
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar, cast
 
-from ipvs_synproxy.config import keepalived_settings
+from ipvs_synproxy.config import keepalived_settings, xdp_settings
 from ipvs_synproxy.config.keepalived_settings import KeepalivedSettings
 from ipvs_synproxy.config.reader import (
     ConfigError,
@@ -31,7 +32,7 @@ from ipvs_synproxy.config.reader import (
     read_str,
     typename,
 )
-from ipvs_synproxy.config.state import ServiceState, State
+from ipvs_synproxy.config.state import ServiceState, State, XdpAttachment
 from ipvs_synproxy.kernel import sysctl as sysctl_mod
 from ipvs_synproxy.kernel.model import (
     IP_VS_SVC_F_ONEPACKET,
@@ -71,9 +72,12 @@ class Config:
     origins: Mapping[Any, str] = field(default_factory=dict, compare=False)
     # the ``keepalived`` section and health checks (keepalived_config.read)
     keepalived: KeepalivedSettings | None = field(default=None, compare=False)
+    # the interfaces that run the XDP fast path (xdp_settings.read): all of
+    # them, as the services are; none detaches every program of ours
+    xdp: tuple[XdpAttachment, ...] = ()
 
 
-TOP_KEYS = ("services", "sysctl", "cookie_secret_file", "keepalived")
+TOP_KEYS = ("services", "sysctl", "cookie_secret_file", "xdp", "keepalived")
 SERVICE_KEYS = ("vip", "fwmark", "family", "protocol", "scheduler", "persistent", "netmask",
                 "persistence_engine", "one_packet", "scheduler_flags", "synproxy", "forward",
                 "proxy_protocol", "laddrs", "real_servers", "healthcheck")
@@ -432,12 +436,14 @@ def _load(text: str, filename: str, errors: _Errors, require_root_owner: bool
     complete = True
     if "services" in top and top["services"] is not None:
         services, origins, complete = _services(r, top, errors)
+    xdp = errors.run(xdp_settings.read, r, top)
     # the keepalived section pairs health checks with the services by position
-    keepalived = errors.run(keepalived_settings.read, r, top, services) if complete else None
+    keepalived = (errors.run(keepalived_settings.read, r, top, services, xdp or ())
+                  if complete else None)
     if errors.found:
         return None
     return Config(filename, State(tuple(services), sysctls), secret, secret_file, origins,
-                  keepalived)
+                  keepalived, xdp or ())
 
 
 def loads(text: str, filename: str = "<config>", *, require_root_owner: bool = True

@@ -6,6 +6,11 @@ a :class:`Target` and, when one fails, undoes the ones already done in reverse
 order (:func:`rollback_plan`), restoring the exact previous objects and
 sysctl values. Only what differs is touched: an edit is an edit, never a
 delete and re-add, so live connections keep their real server.
+
+The file's ``xdp:`` interfaces are diffed against the programs of ours in
+the namespace (:func:`diff_xdp`) and follow the table's changes: attached
+where missing, re-attached on a mode change, detached where no longer
+listed (:mod:`~ipvs_synproxy.config.fastpath` does it).
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from typing import Protocol as Interface
 
+from ipvs_synproxy.config import fastpath
 from ipvs_synproxy.config.load import Config
-from ipvs_synproxy.config.state import ServiceState, State
+from ipvs_synproxy.config.state import ServiceState, State, XdpAttachment
 from ipvs_synproxy.kernel import netlink, xdp
 from ipvs_synproxy.kernel import sysctl as sysctl_mod
 from ipvs_synproxy.kernel.model import (
@@ -52,7 +59,7 @@ class Setting:
     value: sysctl_mod.Value | None
 
 
-Item = Service | Dest | Laddr | Setting
+Item = Service | Dest | Laddr | Setting | XdpAttachment
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,7 @@ class Change:
     def kind(self) -> str:
         item = self.new if self.new is not None else self.old
         return {Service: "service", Dest: "dest", Laddr: "laddr",
-                Setting: "sysctl"}[type(item)]
+                Setting: "sysctl", XdpAttachment: "xdp"}[type(item)]
 
     def inverse(self) -> Change:
         op = {Op.ADD: Op.DELETE, Op.DELETE: Op.ADD, Op.EDIT: Op.EDIT}[self.op]
@@ -132,6 +139,26 @@ def diff(current: State, desired: State) -> list[Change]:
     return changes
 
 
+def diff_xdp(current: Mapping[str, str], desired: Sequence[XdpAttachment]) -> list[Change]:
+    """The XDP changes that turn ``current`` (device -> mode of our programs,
+    :func:`fastpath.read_attachments`) into ``desired``, in the file's order:
+    an attach where none of ours runs, a re-attach where the mode differs (an
+    attachment in either mode is what auto asks for); then, last, the detach
+    of every program of ours the file no longer lists (undoing a detach
+    needs a secret that only an attach sets)."""
+    changes: list[Change] = []
+    for want in desired:
+        have = current.get(want.dev, fastpath.DETACHED)
+        if have == fastpath.DETACHED:
+            changes.append(Change(Op.ADD, None, want))
+        elif not fastpath.satisfies(have, want.mode):
+            changes.append(Change(Op.EDIT, XdpAttachment(want.dev, have), want))
+    listed = {want.dev for want in desired}
+    changes += [Change(Op.DELETE, XdpAttachment(dev, mode), None)
+                for dev, mode in sorted(current.items()) if dev not in listed]
+    return changes
+
+
 def rollback_plan(done: Sequence[Change]) -> list[Change]:
     """What undoes ``done``: the inverse of each change, last first."""
     return [c.inverse() for c in reversed(done)]
@@ -177,9 +204,37 @@ class Target(Interface):
     def write_sysctl(self, name: str, value: sysctl_mod.Value) -> None: ...
 
 
-def execute(change: Change, target: Target) -> None:
+class XdpTarget(Interface):
+    """What executes the XDP changes (:class:`fastpath.KernelXdp`)."""
+
+    def attach_xdp(self, dev: str, mode: str) -> None: ...
+    def detach_xdp(self, dev: str) -> None: ...
+
+
+def _execute_xdp(change: Change, target: XdpTarget | None) -> None:
+    if target is None:
+        raise AssertionError(f"an XDP change without an XDP target: {change}")
+    if change.old is not None:
+        assert isinstance(change.old, XdpAttachment)
+        target.detach_xdp(change.old.dev)
+    if change.new is None:
+        return
+    assert isinstance(change.new, XdpAttachment)
+    try:
+        target.attach_xdp(change.new.dev, change.new.mode)
+    except Exception as exc:
+        if change.old is None:
+            raise
+        raise xdp.XdpError(f"{exc} ({change.new.dev} is left without the XDP fast path: "
+                           "SYNs go to the IPVS module)") from exc
+
+
+def execute(change: Change, target: Target, xdp_target: XdpTarget | None = None) -> None:
     item = change.new if change.new is not None else change.old
     svc = change.service
+    if isinstance(item, XdpAttachment):
+        _execute_xdp(change, xdp_target)
+        return
     if isinstance(item, Setting):
         assert isinstance(change.new, Setting)
         if change.new.value is None:
@@ -228,15 +283,17 @@ class ApplyError(Exception):
 
 
 def apply_changes(changes: Sequence[Change], target: Target,
-                  after: Callable[[], None] | None = None) -> None:
-    """Execute ``changes`` in order, then ``after`` (e.g. setting the secret);
-    if anything fails, undo what was done and raise :class:`ApplyError`."""
+                  after: Callable[[], None] | None = None,
+                  xdp_target: XdpTarget | None = None) -> None:
+    """Execute ``changes`` in order (the XDP ones on ``xdp_target``), then
+    ``after`` (e.g. setting the secret); if anything fails, undo what was
+    done and raise :class:`ApplyError`."""
     done: list[Change] = []
     failed: Change | None = None
     try:
         for c in changes:
             failed = c
-            execute(c, target)
+            execute(c, target, xdp_target)
             done.append(c)
         failed = None
         if after is not None:
@@ -245,7 +302,7 @@ def apply_changes(changes: Sequence[Change], target: Target,
         errors: list[tuple[Change, Exception]] = []
         for undo in rollback_plan(done):
             try:
-                execute(undo, target)
+                execute(undo, target, xdp_target)
             except Exception as rexc:
                 errors.append((undo, rexc))
         raise ApplyError(failed, exc, done, errors) from exc
@@ -258,6 +315,8 @@ def item_dict(item: Item | None) -> dict[str, Any] | None:
     """A JSON-friendly view of a service, real server, laddr or sysctl."""
     if item is None:
         return None
+    if isinstance(item, XdpAttachment):
+        return {"interface": item.dev, "mode": item.mode}
     if isinstance(item, Setting):
         value = None if item.value is None else " ".join(map(str, item.value))
         return {"name": f"{sysctl_mod.PREFIX}{item.name}", "value": value}
@@ -289,6 +348,8 @@ def item_dict(item: Item | None) -> dict[str, Any] | None:
 
 
 def _what(item: Item, svc: Service | None) -> str:
+    if isinstance(item, XdpAttachment):
+        return f"xdp {item.dev}"
     if isinstance(item, Setting):
         return f"sysctl {sysctl_mod.PREFIX}{item.name}"
     if isinstance(item, Service):
@@ -300,6 +361,8 @@ def _what(item: Item, svc: Service | None) -> str:
 
 
 def _summary(item: Item) -> str:
+    if isinstance(item, XdpAttachment):
+        return item.mode
     if isinstance(item, Service):
         bits = [item.scheduler]
         if item.persistent:
@@ -422,11 +485,27 @@ class Plan:
     changes: list[Change]
     problems: list[str]
 
+    def attaching(self) -> list[XdpAttachment]:
+        """What the plan attaches (anew, or in another mode)."""
+        return [c.new for c in self.changes if isinstance(c.new, XdpAttachment)]
+
+    @property
+    def new_secret(self) -> bool:
+        """Whether applying sets a new random cookie secret: an XDP program
+        is attached and the file names no secret (the module's cannot be
+        read back to give to the program)."""
+        return self.config.secret is None and bool(self.attaching())
+
 
 def plan(cfg: Config, ipvs: netlink.IPVS, sysctls: sysctl_mod.Sysctls) -> Plan:
     current = read_state(ipvs, sysctls, cfg.state.sysctls)
-    return Plan(cfg, current, diff(current, cfg.state),
-                problems(current, cfg, capabilities(ipvs)))
+    caps = capabilities(ipvs)
+    xdp_now = fastpath.read_attachments(ipvs.netns)
+    changes = diff(current, cfg.state) + diff_xdp(xdp_now, cfg.xdp)
+    p = Plan(cfg, current, changes, problems(current, cfg, caps))
+    p.problems.extend(fastpath.problems(ipvs.netns, p.attaching(), xdp_now,
+                                        caps.get("synproxy_secret", False)))
+    return p
 
 
 MAX_DELETE_PERCENT = 50.0
@@ -450,13 +529,38 @@ def deletion_refusal(p: Plan, max_percent: float = MAX_DELETE_PERCENT) -> str | 
     return None
 
 
-def apply_plan(p: Plan, ipvs: netlink.IPVS, sysctls: sysctl_mod.Sysctls) -> None:
-    """Apply ``p`` all or nothing (raises :class:`ApplyError`); the cookie
-    secret, which cannot be read back, is set last so a failure leaves it alone."""
+def _build_first(p: Plan, target: fastpath.KernelXdp) -> None:
+    """The XDP program's object before anything changes: a build that fails
+    (no clang, a broken source) stops the apply with nothing changed."""
+    first = next((c for c in p.changes if isinstance(c.new, XdpAttachment)), None)
+    if first is None:
+        return
+    try:
+        target.obj()
+    except Exception as exc:
+        raise ApplyError(first, exc, [], []) from exc
+
+
+def apply_plan(p: Plan, ipvs: netlink.IPVS, sysctls: sysctl_mod.Sysctls,
+               build_xdp: Callable[[], Path] | None = None) -> None:
+    """Apply ``p`` all or nothing (raises :class:`ApplyError`). The cookie
+    secret, which cannot be read back, is set last so a failure leaves it
+    alone; but when an XDP program is attached, the first attach sets it
+    (the file's, or a new random one: :attr:`Plan.new_secret`), in the
+    module and every program, before the program goes on. ``build_xdp``
+    gives the program's object."""
     if p.problems:
         raise ValueError("refusing to apply a plan with problems")
     secret = p.config.secret
-    # xdp.set_secret: the module's and any attached XDP program's, one path
-    after = None if secret is None else (lambda: xdp.set_secret(ipvs, secret))
-    apply_changes(p.changes, KernelTarget(ipvs, sysctls), after)
+    on_xdp = fastpath.KernelXdp(ipvs, build_xdp,
+                                fastpath.new_secret() if p.new_secret else secret)
+    _build_first(p, on_xdp)
+
+    def after() -> None:
+        # xdp.set_secret: the module's and any attached XDP program's, one
+        # path; not twice (an attach set it already)
+        if secret is not None and on_xdp.module_holds != secret:
+            xdp.set_secret(ipvs, secret)
+
+    apply_changes(p.changes, KernelTarget(ipvs, sysctls), after, on_xdp)
     xdp.mirror(ipvs)

@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from ipvs_synproxy.config import keepalived_settings as ks
-from ipvs_synproxy.config import load
+from ipvs_synproxy.config import load, xdp_settings
 from ipvs_synproxy.kernel.model import FORWARD_NAMES, PROXY_PROTOCOL_NAMES, Protocol
+from ipvs_synproxy.kernel.xdp import MODES as XDP_MODES
 
 INT_MAX = 2**31 - 1
 _STR = {"type": "string", "minLength": 1}
@@ -44,6 +45,21 @@ def _check() -> dict[str, Any]:
         "retry": _int(0, INT_MAX), "delay_before_retry": _SECONDS, "port": _int(1, 65535),
         "path": _STR, "status_code": _int(100, 599), "command": _STR,
         "inhibit_on_failure": _BOOL})
+
+
+def _xdp() -> dict[str, Any]:
+    ifname = {"type": "string", "pattern": f"^{xdp_settings.IFNAME.pattern}$",
+              "not": {"enum": [".", ".."]},
+              "description": "a network interface of the namespace"}
+    entry = _obj(xdp_settings.XDP_KEYS, {
+        "interface": ifname,
+        "mode": {"enum": list(XDP_MODES),
+                 "description": "native (in the driver), generic (any device) or auto: "
+                                "native where the driver has it (default)"}},
+        required=["interface"])
+    return {"type": ["array", "null"], "items": {"oneOf": [ifname, entry]},
+            "description": "the interfaces that run the SYN proxy's XDP fast path "
+                           "(docs/xdp.md): all of them, apply detaches the others"}
 
 
 def schema() -> dict[str, Any]:
@@ -81,7 +97,10 @@ def schema() -> dict[str, Any]:
                                "syncid": _int(1, 255), "sync_group": _STR})
     keepalived = _obj(ks.SECTION_KEYS, {
         "router_id": _STR, "healthcheck": _check(), "vrrp": {"type": "array", "items": vrrp},
-        "pair": pair})
+        "pair": pair,
+        "xdp_command": {"type": "string", "pattern": "^/[A-Za-z0-9_.,+=@%/-]*$",
+                        "description": "the ipvs-synproxy the XDP notify scripts run "
+                                       f"(default {ks.XDP_COMMAND})"}})
     top = _obj(load.TOP_KEYS, {
         "services": {"type": ["array", "null"], "items": service},
         "sysctl": {"type": ["object", "null"], "additionalProperties": {
@@ -89,6 +108,7 @@ def schema() -> dict[str, Any]:
             "description": "a net.ipv4.vs knob (with or without the prefix): a number, "
                            "or numbers separated by spaces"}},
         "cookie_secret_file": {"type": "string", "pattern": "^/"},
+        "xdp": _xdp(),
         "keepalived": keepalived})
     return {"$schema": "https://json-schema.org/draft/2020-12/schema",
             "$id": "https://ipvs-synproxy.invalid/schema/config.json",

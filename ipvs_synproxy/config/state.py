@@ -1,4 +1,5 @@
-"""An IPVS table and its sysctls, as the config file wants it or the kernel has it."""
+"""An IPVS table and its sysctls, and the XDP fast path of an interface, as the
+config file wants them or the kernel has them."""
 
 from __future__ import annotations
 
@@ -24,3 +25,14 @@ class State:
 
     services: tuple[ServiceState, ...] = ()
     sysctls: Mapping[str, sysctl_mod.Value | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class XdpAttachment:
+    """The XDP fast path on an interface. As the file wants it, ``mode`` is
+    ``auto``, ``native`` or ``generic``; as the namespace has it (a program
+    of ours pinned for ``dev``), ``native``, ``generic``, ``offload``,
+    ``unknown`` or ``detached`` (pinned, but on no device)."""
+
+    dev: str
+    mode: str = "auto"

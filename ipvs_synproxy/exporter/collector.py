@@ -3,16 +3,18 @@
 :func:`read` takes everything a scrape needs in one pass over netlink and
 the sysctls: services with their real servers and FULLNAT local addresses,
 the netns extended counters, the sync daemons and the three knobs the
-derived gauges need. :class:`Collector` turns a :class:`Reading` into metric
-families; a failed read yields ``ipvs_synproxy_up 0`` and nothing else, so a
-dashboard shows a gap rather than stale numbers.
+derived gauges need; and the counters of the namespace's XDP programs
+(through :func:`ipvs_synproxy.kernel.xdp.all_stats`, never bpf(2) here).
+:class:`Collector` turns a :class:`Reading` into metric families; a failed
+read yields ``ipvs_synproxy_up 0`` and nothing else, so a dashboard shows a
+gap rather than stale numbers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol
@@ -26,6 +28,7 @@ from ipvs_synproxy.exporter import series
 from ipvs_synproxy.kernel import netlink
 from ipvs_synproxy.kernel import sysctl as sysctl_mod
 from ipvs_synproxy.kernel.model import Dest, Laddr, Service, Stats, SyncDaemon
+from ipvs_synproxy.kernel.xdp import DeviceStats
 
 # The knobs a scrape reads, with the modules' defaults for when one is absent.
 KNOBS = {"synproxy_secret_period": 64, "fullnat_lport_min": 1024, "fullnat_lport_max": 65535}
@@ -63,6 +66,7 @@ class Reading:
     daemons: tuple[SyncDaemon, ...]
     knobs: Mapping[str, int] = field(default_factory=dict)  # the KNOBS present
     wall: float = 0.0  # time.time() of the read
+    xdp: tuple[DeviceStats, ...] = ()  # the XDP programs of the netns, by device
 
 
 def _knobs(sysctls: KnobReader) -> dict[str, int]:
@@ -76,8 +80,11 @@ def _knobs(sysctls: KnobReader) -> dict[str, int]:
 
 
 def read(connect: Callable[[], Source], sysctls: KnobReader,
-         clock: Callable[[], float] = time.time) -> Reading:
-    """Raises what netlink raises (IpvsUnavailable, NetlinkError, OSError)."""
+         clock: Callable[[], float] = time.time,
+         xdp: Callable[[], Iterable[DeviceStats]] = tuple) -> Reading:
+    """Raises what netlink raises (IpvsUnavailable, NetlinkError, OSError).
+    ``xdp`` gives the XDP programs' counters (``partial(xdp.all_stats, netns)``;
+    by default none)."""
     rows = []
     with connect() as k:
         has_laddr = k.supports(netlink.IPVS_CMD_GET_LADDR)
@@ -93,7 +100,7 @@ def read(connect: Callable[[], Source], sysctls: KnobReader,
             with contextlib.suppress(netlink.NotSupported):
                 ext = k.ext_stats()
         daemons = tuple(k.daemons())
-    return Reading(tuple(rows), ext, daemons, _knobs(sysctls), clock())
+    return Reading(tuple(rows), ext, daemons, _knobs(sysctls), clock(), tuple(xdp()))
 
 
 def service_labels(svc: Service) -> dict[str, str]:
@@ -171,6 +178,15 @@ def _netns(f: _Families, r: Reading) -> None:
               1 if state in states else 0)
 
 
+def _xdp(f: _Families, devices: Iterable[DeviceStats]) -> None:
+    for d in devices:
+        f.add("ipvs_synproxy_xdp_attached", {"device": d.dev, "mode": d.mode or "none"},
+              1 if d.mode else 0)
+        for result, value in d.stats.items():
+            f.add("ipvs_synproxy_xdp_packets_total", {"device": d.dev, "result": result},
+                  value)
+
+
 def families(r: Reading, version: str) -> Iterator[Metric]:
     """Every family of :data:`series.ALL` (empty ones included: their HELP and
     TYPE still tell a scraper what this exporter can serve)."""
@@ -184,6 +200,7 @@ def families(r: Reading, version: str) -> Iterator[Metric]:
     for row in r.services:
         _service(f, row, lports)
     _netns(f, r)
+    _xdp(f, r.xdp)
     return iter(f)
 
 

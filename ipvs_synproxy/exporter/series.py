@@ -12,6 +12,7 @@ makes every dashboard that sums them count double.
 Service series carry ``vip``, ``port`` and ``protocol`` (``tcp``/``udp``/
 ``sctp``); IPv6 addresses are compressed, without brackets. A firewall-mark
 service is ``vip="fwmark:<mark>"``, ``port="0"``, ``protocol="fwmark"``.
+The XDP fast path's series carry ``device``, the interface's name.
 """
 
 from __future__ import annotations
@@ -130,6 +131,16 @@ ALL: tuple[Series, ...] = (
        "secret."),
     _g("sync_daemon_running", "1 if the connection-sync daemon of that state runs, else 0.",
        ("state",)),
+    # -- the XDP fast path, per interface (docs/xdp.md)
+    _g("xdp_attached", "1 per interface whose XDP program of ours is attached, in "
+       "mode=\"native\", \"generic\" or \"offload\"; 0 with mode=\"none\" when it is "
+       "pinned but not attached.", ("device", "mode")),
+    _c("xdp_packets", "Packets the XDP program on the interface saw, by what it did: "
+       "result=\"syn_answered\" (a cookie SYN/ACK sent back), \"syn_malformed\" (a malformed "
+       "SYN to a VIP, dropped), \"passed\" (up the stack), \"not_ready\" (no cookie key "
+       "yet: up the stack), \"no_room\" (the frame could not grow for the answer: "
+       "up the stack, the module answers) or \"syn_known\" (a SYN on a tuple with "
+       "earlier segments: up the stack, the module decides).", ("device", "result")),
 )
 BY_NAME: dict[str, Series] = {s.name: s for s in ALL}
 

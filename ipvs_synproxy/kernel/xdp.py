@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import shutil
 import socket
@@ -44,7 +45,7 @@ ATTACHED: dict[int | str, str] = {1: "native", 2: "generic", 3: "offload",
 MODES = ("auto", "native", "generic")
 
 # The program's counters (enum sp_xdp_stat), in map order
-STATS = ("syn_answered", "syn_malformed", "passed", "not_ready", "no_room")
+STATS = ("syn_answered", "syn_malformed", "passed", "not_ready", "no_room", "syn_known")
 
 # struct sp_service_key, struct sp_config (xdp/ipvs_synproxy_xdp.c)
 _SVC_KEY = struct.Struct("<BBH16s")
@@ -211,21 +212,35 @@ def _link_state(dev: str, netns: str | None) -> tuple[str | None, int | None]:
     return mode, xdp.get_attr("IFLA_XDP_PROG_ID")
 
 
-def attach(obj: Path, dev: str, netns: str | None, secret: bytes,
-           services: Iterable[Service], mode: str = "auto") -> Status:
-    """Load ``obj``, fill its maps (the first SYN it sees is answered right),
-    and attach it to ``dev``: native where the driver has it (``auto``), else
-    generic. Replaces a program of ours already there."""
-    if mode not in MODES:
-        raise XdpError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+def device_state(dev: str, netns: str | None) -> tuple[str | None, int | None]:
+    """The mode of the XDP program attached to ``dev`` (ours or not) and its
+    id; (None, None) when there is none. Raises :class:`XdpError` when
+    ``netns`` has no such device."""
+    return _link_state(dev, netns)
+
+
+def load(obj: Path, dev: str, netns: str | None) -> None:
+    """Load ``obj`` and pin it and its maps for ``dev``, replacing pins of ours
+    there. Not attached yet, and without a secret: :func:`set_secret` gives
+    it one (it counts as attached in the namespace from now on)."""
     _ensure_bpffs()
     d = pin_dir(dev, netns)
     _unpin(d)
     d.mkdir(parents=True, exist_ok=True)
     _bpftool("prog", "load", str(obj), str(d / "prog"), "type", "xdp",
              "pinmaps", str(d / "maps"))
-    write_config(dev, netns, secret)
+
+
+def link(dev: str, netns: str | None, services: Iterable[Service],
+         mode: str = "auto") -> Status:
+    """Fill the pinned program's VIP:ports and attach it to ``dev``: native
+    where the driver has it (``auto``), else generic. The program has its
+    secret already (:func:`set_secret` after :func:`load`), so the first SYN
+    it sees is answered right. Unpins it when no mode takes."""
+    if mode not in MODES:
+        raise XdpError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     write_services(dev, netns, services)
+    d = pin_dir(dev, netns)
     fd = bpf.obj_get(str(d / "prog"))
     try:
         tries = {"auto": [XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE],
@@ -245,15 +260,49 @@ def attach(obj: Path, dev: str, netns: str | None, secret: bytes,
     return status(dev, netns)
 
 
+def attach(obj: Path, dev: str, netns: str | None, ipvs: IPVS, secret: bytes,
+           mode: str = "auto", *, module: bool = True) -> Status:
+    """Load ``obj`` for ``dev``, set ``secret`` through :func:`set_secret` (in
+    the module and in every program pinned in the namespace, this one
+    included; ``module=False``: the module holds it already), fill its
+    VIP:ports from ``ipvs`` and attach it. Replaces a program of ours
+    already there."""
+    if mode not in MODES:
+        raise XdpError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    load(obj, dev, netns)
+    try:
+        set_secret(ipvs, secret, module=module)
+    except BaseException:
+        _unpin(pin_dir(dev, netns))
+        raise
+    return link(dev, netns, ipvs.services(), mode)
+
+
 def _unpin(d: Path) -> None:
     if d.exists():
         shutil.rmtree(d)
 
 
-def detach(dev: str, netns: str | None) -> None:
-    """Take the program off ``dev`` (SYNs go to the module again) and unpin it."""
-    mode, _ = _link_state(dev, netns)
-    if mode is not None:
+def _pinned_prog_id(dev: str, netns: str | None) -> int | None:
+    """The id of our program pinned for ``dev``; None when none is."""
+    pin = pin_dir(dev, netns) / "prog"
+    if not pin.exists():
+        return None
+    info = json.loads(_bpftool("-j", "prog", "show", "pinned", str(pin)).stdout)
+    return int(info["id"]) if "id" in info else None
+
+
+def detach(dev: str, netns: str | None, *, missing_ok: bool = False) -> None:
+    """Take our program off ``dev`` (SYNs go to the module again) and unpin it.
+    A program on ``dev`` that is not ours stays. ``missing_ok``: a device that
+    is gone only loses its pins."""
+    try:
+        mode, prog_id = _link_state(dev, netns)
+    except XdpError:
+        if not missing_ok or not pin_dir(dev, netns).exists():
+            raise
+        mode, prog_id = None, None
+    if mode is not None and prog_id is not None and prog_id == _pinned_prog_id(dev, netns):
         flags = XDP_FLAGS_DRV_MODE if mode == "native" else XDP_FLAGS_SKB_MODE
         _link_xdp(dev, netns, -1, flags)
     _unpin(pin_dir(dev, netns))
@@ -281,13 +330,18 @@ def vip_of(key: bytes) -> str:
 
 # -- the one path that keeps program and module in step ----------------------------------
 
-def set_secret(ipvs: IPVS, secret: bytes) -> None:
+def set_secret(ipvs: IPVS, secret: bytes, *, module: bool = True) -> None:
     """Set the cookie secret of ``ipvs``'s namespace in the module and in every
-    XDP program attached there, in that order. Between the two writes the
+    XDP program pinned there, in that order. Between the two writes the
     program still signs with the old secret's key, which the module keeps
     accepting as its previous key until the next period boundary: no cookie
-    is refused for it as long as the second write follows within a period."""
-    ipvs.set_synproxy_secret(secret)
+    is refused for it as long as the second write follows within a period.
+
+    ``module=False`` writes only the programs: for a caller that set this
+    very secret in the module a moment ago (setting it twice would drop the
+    secret before it from the module's previous key)."""
+    if module:
+        ipvs.set_synproxy_secret(secret)
     for dev in attached_devices(ipvs.netns):
         write_config(dev, ipvs.netns, secret)
 
@@ -306,3 +360,43 @@ def mirror(ipvs: IPVS) -> None:
     """After adm, apply or the console changed services: the programs attached
     in ``ipvs``'s namespace answer exactly the kernel's SYN-proxy VIP:ports."""
     mirror_services(ipvs.netns, ipvs.services)
+
+
+# -- the counters of every program of a namespace (stats, the console, /metrics) ----------
+
+@dataclass(frozen=True)
+class DeviceStats:
+    """One device's program: the mode it is attached in and its counters
+    (:data:`STATS`, summed over CPUs)."""
+
+    dev: str
+    mode: str | None  # native, generic, offload; None: pinned but not attached
+    stats: dict[str, int]
+
+
+def _mode_of(dev: str, netns: str | None) -> str | None:
+    from pyroute2.netlink.exceptions import NetlinkError as RtnlError
+
+    try:
+        return _link_state(dev, netns)[0]
+    except (XdpError, OSError, RtnlError):  # the device is gone; its pins are not
+        return None
+
+
+def _device_stats(dev: str, netns: str | None) -> DeviceStats | None:
+    try:
+        counters = read_stats(dev, netns)
+    except (XdpError, OSError):  # detached while we listed, or not ours to read
+        return None
+    return DeviceStats(dev, _mode_of(dev, netns), counters)
+
+
+def all_stats(netns: str | None) -> list[DeviceStats]:
+    """The counters of every program pinned in ``netns``, by device name; empty,
+    never an error, when there is none to read (nothing attached, no BPF file
+    system, no right to read the pins)."""
+    try:
+        devs = attached_devices(netns)
+    except OSError:
+        return []
+    return [s for s in (_device_stats(d, netns) for d in devs) if s is not None]

@@ -5,6 +5,8 @@
 //    SYNs, cookies, valid ACKs and proxied connections per second, its "under
 //    flood" badge and its drops by reason.
 //  - All extended counters (#ext-charts, /api/ext-stats): one chart per counter.
+//  - The XDP fast path (#xdp, /api/xdp): per interface, its mode and counters
+//    with their per-second rates (tables, redrawn each second).
 // Y axes run from 0 to a round top in steps of 1, 2 or 5 x 10^n, labelled with
 // K/M/G and "/s"; the x axis is the last 2 minutes.
 (function () {
@@ -263,6 +265,43 @@
       .catch(function () { /* keep the last picture; try again next second */ });
   }
 
+  // ---- the XDP fast path
+
+  var xdp = document.getElementById("xdp");
+
+  function xdpTable(d, parent) {
+    var table = tag("table", "grid xdp", undefined, parent);
+    table.dataset.device = d.device;
+    tag("caption", "", d.device + " (" + (d.mode || "not attached") + ")", table);
+    var tr = tag("tr", "", undefined, tag("thead", "", undefined, table));
+    ["Counter", "Total", "Per second"].forEach(function (t) { tag("th", "", t, tr); });
+    var tbody = tag("tbody", "", undefined, table);
+    Object.keys(d.counters).forEach(function (name) {
+      var row = tag("tr", "", undefined, tbody);
+      row.dataset.counter = name;
+      tag("td", "", name, row);
+      tag("td", "num total", String(d.counters[name]), row);
+      tag("td", "num rate", fmt(d.rates[name] || 0) + "/s", row);
+    });
+  }
+
+  function tickXdp() {
+    getJSON(xdp.dataset.src)
+      .then(function (d) {
+        if (!d) { return; }
+        var holder = document.getElementById("xdp-devices");
+        while (holder.firstChild) { holder.removeChild(holder.firstChild); }
+        d.devices.forEach(function (dev) { xdpTable(dev, holder); });
+        document.getElementById("xdp-none").hidden = d.devices.length > 0;
+        xdp.dataset.samples = String((Number(xdp.dataset.samples) || 0) + 1);
+      })
+      .catch(function () { /* keep the last picture; try again next second */ });
+  }
+
+  if (xdp) {
+    tickXdp();
+    window.setInterval(tickXdp, 1000);
+  }
   if (attack) {
     tickAttack();
     window.setInterval(tickAttack, 1000);

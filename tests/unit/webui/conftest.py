@@ -11,6 +11,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from ipvs_synproxy.config.state import ServiceState, State
+from ipvs_synproxy.kernel import xdp
 from ipvs_synproxy.kernel.model import Dest, Laddr
 from ipvs_synproxy.kernel.sysctl import Sysctls
 from tests.unit.webui.support import (
@@ -64,14 +65,21 @@ def sysctl_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def app(tmp_path: Path, kernel: Kernel, clock: Clock, sysctl_dir: Path) -> Iterator[Flask]:
+def xdp_devices() -> list[xdp.DeviceStats]:
+    """The XDP programs the console reads (none unless a test adds some)."""
+    return []
+
+
+@pytest.fixture
+def app(tmp_path: Path, kernel: Kernel, clock: Clock, sysctl_dir: Path,
+        xdp_devices: list[xdp.DeviceStats]) -> Iterator[Flask]:
     settings = Settings(users=make_users(), secret_key=b"k" * 32,
                         audit_log=str(tmp_path / "log" / "audit.log"),
                         extra={"TESTING": True})
     service = ConsoleService(lambda: kernel, Sysctls(root=str(sysctl_dir)),
                              proc_stats=lambda: {"conns": 17, "inpkts": 170, "outpkts": 160,
                                                  "inbytes": 17000, "outbytes": 16000},
-                             clock=clock)
+                             clock=clock, xdp_stats=lambda: list(xdp_devices))
     a = create_app(settings, service)
     a.extensions["ipvs_throttle"].clock = clock
     a.extensions["ipvs_sessions"].clock = clock

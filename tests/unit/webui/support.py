@@ -91,8 +91,8 @@ def weight(kernel: Kernel, svc: Service = SVC, rid: str = RID1) -> int | None:
 
 BEARER = {"Authorization": f"Bearer bot:{TOKEN}"}
 PAGES = ["/", f"/services/{SID}", f"/services/{SID6}", "/synproxy", "/sysctl"]
-API_GETS = ["/api/services", f"/api/services/{SID}", "/api/ext-stats", "/api/attack", "/api/sysctl",
-            "/api/openapi.json", "/api/whoami"]
+API_GETS = ["/api/services", f"/api/services/{SID}", "/api/ext-stats", "/api/xdp",
+            "/api/attack", "/api/sysctl", "/api/openapi.json", "/api/whoami"]
 FORM_ACTIONS = [
     (f"/services/{SID}/rs/{RID1}/weight", {"weight": "7"}),
     (f"/services/{SID}/rs/{RID1}/proxy-protocol", {"proxy_protocol": "v2"}),
