@@ -92,7 +92,7 @@ bench: deps
 	$(SP) kmod build $(if $(KERNEL),--kernel $(KERNEL))
 	mkdir -p build/bench
 	rm -f $(BENCH_RAW)
-	$(SP) vm exec $(if $(KERNEL),--kernel $(KERNEL)) --topology --timeout $(BENCH_TIMEOUT) -- \
+	$(SP) vm exec $(if $(KERNEL),--kernel $(KERNEL)) --topology --nic-pair --timeout $(BENCH_TIMEOUT) -- \
 		python -m bench.run --out $(BENCH_RAW) $(BENCH_ARGS)
 	$(PY) -m bench.report $(BENCH_RAW) --results bench/results --readme README.md
 

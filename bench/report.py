@@ -17,8 +17,10 @@ contender pays to receive a packet at all. Figures are medians over the
 rounds with their range (min-max); ratios are geometric means of the rounds'
 own ratios. The port search piece (bench.portsearch) gives one more ratio:
 new connections per second with 90% of a FULLNAT service's local ports taken
-over the same with none taken. A run of only some pieces (``bench.run
---only``) leaves the README alone.
+over the same with none taken. The XDP piece (bench.fastpath) compares, on a
+pair of virtio NICs, the XDP program's answer with the module's and with
+netfilter SYNPROXY's. A run of only some pieces (``bench.run --only``) leaves
+the README alone.
 """
 
 from __future__ import annotations
@@ -203,6 +205,93 @@ def port_search(raw: Record) -> Record | None:
             "summary": summ, "per_round": rounds}
 
 
+XDP, MODULE = "ipvs-synproxy-xdp", "ipvs-synproxy-nat"
+FASTPATH_PASSES = ("baseline", MODULE, XDP, "baseline_nf", NF)
+
+
+def _flood_figures(f: Record) -> Record:
+    answered = min(f["replies"] if f["replies"] is not None else 0, f["sent"])
+    return {"pps": f["pps"], "answered_pct": 100 * answered / f["sent"],
+            "cpu_s_per_msyn": 1e6 * f["lb_softirq_s"] / f["sent"],
+            "synack_per_s": answered / f["lb_softirq_s"] if f["lb_softirq_s"] > 0 else math.inf,
+            "guest_cpu_s_per_msyn": 1e6 * f["cpu_busy_s"] / f["sent"]}
+
+
+def fastpath(raw: Record) -> Record | None:
+    """The XDP piece's rounds and their summary; None if it did not run.
+    Ratios are geometric means of the rounds' own ratios, as in the main table:
+    XDP over the module alternated seconds apart; XDP over netfilter SYNPROXY
+    a minute apart (a module reload in between)."""
+    recs = raw.get("fastpath") or []
+    if not recs:
+        return None
+    rounds = []
+    for r in recs:
+        fig: Record = {"round": r["round"]}
+        for name in FASTPATH_PASSES:
+            for k, v in _flood_figures(r[name]).items():
+                fig[f"{name}:{k}"] = v
+        x = r[XDP]
+        fig["prog_ns_per_syn"] = x["prog_ns"] / x["prog_runs"] if x["prog_runs"] else 0.0
+        fig["legit_ok_pct"] = 100.0 * r["legit_xdp"]["ok"] / r["legit_xdp"]["n"]
+        fig["legit_flood_pps"] = r["legit_xdp"]["flood_pps"]
+        rounds.append(fig)
+    summ = {k: spread([f[k] for f in rounds]) for k in rounds[0] if k != "round"}
+
+    def ratio(metric: str, a: str, b: str) -> float:
+        return _geomean([f[f"{a}:{metric}"] / f[f"{b}:{metric}"] for f in rounds])
+
+    rat = {f"xdp/{t}:{m}": ratio(m, XDP, theirs)
+           for t, theirs in (("module", MODULE), ("nf", NF))
+           for m in ("synack_per_s", "cpu_s_per_msyn")}
+    return {"summary": summ, "ratios": rat, "per_round": rounds}
+
+
+def fastpath_targets(fp: Record) -> list[Record]:
+    r, s = fp["ratios"], fp["summary"]
+    syn, cpu = r["xdp/module:synack_per_s"], r["xdp/module:cpu_s_per_msyn"]
+    ok = s["legit_ok_pct"]["min"]
+    return [
+        {"target": "(a) + XDP: SYN/ACKs/s at saturation vs the module's (a)", "measured": syn,
+         "goal": ">= 3x", "met": syn >= 3, "unit": "x"},
+        {"target": "(a) + XDP: CPU per million SYNs vs the module's (a)", "measured": cpu,
+         "goal": "<= 0.33x", "met": cpu <= 1 / 3, "unit": "x"},
+        {"target": "(a) + XDP: legit connections ok during a flat-out flood (every round)",
+         "measured": ok, "goal": "100%", "met": ok >= 100, "unit": "%"},
+    ]
+
+
+def fastpath_lines(fp: Record) -> list[str]:
+    s, r = fp["summary"], fp["ratios"]
+    names = {"baseline": "baseline (drop in raw)", MODULE: "(a) NAT, module",
+             XDP: "(a) + XDP, native", "baseline_nf": "baseline, stock modules",
+             NF: "(b) nf SYNPROXY"}
+    lines = ["", "XDP piece, on a pair of virtio NICs (bench/README.md, \"The XDP piece\"):",
+             "", "| | " + " | ".join(names[n] for n in FASTPATH_PASSES) + " |",
+             "|---|" + "---:|" * len(FASTPATH_PASSES)]
+    for key, label in (("synack_per_s", "SYN/ACKs/s at saturation (one vCPU)"),
+                       ("cpu_s_per_msyn", "CPU s per million SYNs on the balancer"),
+                       ("pps", "flat-out flood reached, pps"),
+                       ("answered_pct", "flood SYNs answered, %")):
+        cells = ["-" if n.startswith("baseline") and key in ("synack_per_s", "answered_pct")
+                 else _cell(s, f"{n}:{key}") for n in FASTPATH_PASSES]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "(a) + XDP over the module's (a): SYN/ACKs/s"
+              f" **{r['xdp/module:synack_per_s']:.2f}x**, CPU per SYN"
+              f" **{r['xdp/module:cpu_s_per_msyn']:.2f}x**; over (b): SYN/ACKs/s"
+              f" **{r['xdp/nf:synack_per_s']:.2f}x**, CPU per SYN"
+              f" **{r['xdp/nf:cpu_s_per_msyn']:.2f}x** (geometric means of"
+              f" {s['legit_ok_pct']['n']} rounds). The program itself:"
+              f" {_cell(s, 'prog_ns_per_syn')} ns per SYN (kernel BPF statistics). Legit"
+              f" connections during a flat-out flood through XDP: {_cell(s, 'legit_ok_pct')}% ok"
+              f" at {_cell(s, 'legit_flood_pps')} pps.",
+              "", "| target | goal | measured | |", "|---|---|---:|---|"]
+    for t in fastpath_targets(fp):
+        lines.append(f"| {t['target']} | {t['goal']} | {_fmt(t['measured'])}{t['unit']} | "
+                     f"{'met' if t['met'] else '**missed**'} |")
+    return lines
+
+
 def port_search_line(ps: Record) -> str:
     s = ps["summary"]
     line = (f"Port search: new connections/s through a FULLNAT service (no SYN proxy, "
@@ -300,6 +389,8 @@ def markdown(res: Record) -> str:
         lines += _contender_tables(res)
     if res.get("port_search"):
         lines += ["", port_search_line(res["port_search"])]
+    if res.get("fastpath"):
+        lines += fastpath_lines(res["fastpath"])
     return "\n".join(lines) + "\n"
 
 
@@ -351,7 +442,7 @@ def analyse(raw: Record) -> Record:
     rat = ratios(per_round)
     return {"summary": summ, "ratios": rat,
             "targets": targets(summ, raw["conn_object_size"], rat), "per_round": per_round,
-            "port_search": port_search(raw)}
+            "port_search": port_search(raw), "fastpath": fastpath(raw)}
 
 
 def plot(res: Record, path: Path) -> None:
@@ -409,6 +500,12 @@ def compare(a: Record, b: Record, tolerance: float = 0.2) -> tuple[bool, list[st
         ra["port-search:conn_per_s"], rb["port-search:conn_per_s"] = pa["ratio"], pb["ratio"]
     elif pa or pb:
         lines.append("SKIP port-search:conn_per_s: only in one of the runs")
+    fa, fb = a.get("fastpath"), b.get("fastpath")
+    if fa and fb:
+        ra.update({f"xdp-piece:{k}": v for k, v in fa["ratios"].items()})
+        rb.update({f"xdp-piece:{k}": v for k, v in fb["ratios"].items()})
+    elif fa or fb:
+        lines.append("SKIP xdp-piece: only in one of the runs")
     for key in sorted(set(ra) | set(rb)):
         x, y = ra.get(key), rb.get(key)
         if x is None or y is None:

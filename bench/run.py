@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import measure, portsearch
+from bench import fastpath, measure, portsearch
 from bench.contenders import (
     BASELINE,
     CONN_PORT,
@@ -111,6 +111,18 @@ def port_search_line(rec: dict[str, Any]) -> str:
             f" held for {rec['held_for_s']:.0f} s")
 
 
+def fastpath_line(rec: dict[str, Any]) -> str:
+    parts = []
+    for name in ("baseline", fastpath.MODULE, fastpath.XDP, "baseline_nf", NF):
+        f = rec[name]
+        parts.append(f"{name} {f['pps']:.0f} pps {1e6 * f['lb_softirq_s'] / f['sent']:.1f} us/SYN"
+                     f" replies {f['replies']}/{f['sent']}")
+    x = rec[fastpath.XDP]
+    lx = rec["legit_xdp"]
+    return (f"xdp piece: {'; '.join(parts)}; program {x['prog_ns'] / max(x['prog_runs'], 1):.0f}"
+            f" ns/run; legit under flood through XDP {lx['ok']}/{lx['n']}")
+
+
 def summary_line(rec: dict[str, Any]) -> str:
     s = str(rec["contender"]) + ":"
     if "flood" in rec:
@@ -148,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--xfer-pairs", type=int, default=3,
                    help="downloads through the VIP, alternating with as many straight"
                    " from a real server")
-    p.add_argument("--only", choices=("contenders", "port-search"),
+    p.add_argument("--only", choices=("contenders", "port-search", "xdp"),
                    help="run only these pieces (default: both; a partial run leaves the"
                    " README's table alone)")
     args = p.parse_args(argv)
@@ -167,13 +179,18 @@ def main(argv: list[str] | None = None) -> int:
         "conn_object_size": {},
         "records": [],
         "port_search": [],
+        "fastpath": [],
     }
+    nic_pair = fastpath.have_nic_pair()
+    if args.only in (None, "xdp") and not nic_pair:
+        log("the XDP piece needs the NIC pair (vm exec --nic-pair): skipped")
     measure.pin(measure.LEGIT_CPU)
     servers = Servers()
     try:
         for rnd in range(args.rounds):
             blocks: Sequence[tuple[str, tuple[str, ...]]] = (
-                () if args.only == "port-search" else BLOCKS if rnd % 2 == 0 else BLOCKS[::-1])
+                () if args.only not in (None, "contenders")
+                else BLOCKS if rnd % 2 == 0 else BLOCKS[::-1])
             for kind, names in blocks:
                 order = names if rnd % 2 == 0 else names[::-1]
                 for name in order:
@@ -190,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                     out["records"].append(rec)
                     log(f"round {rnd} {summary_line(rec)}")
                     _save(args.out, out)
-            if args.only != "contenders":
+            if args.only in (None, "port-search"):
                 if stop_requested():
                     log("stop requested")
                     return 130
@@ -201,6 +218,17 @@ def main(argv: list[str] | None = None) -> int:
                 ps["round"] = rnd
                 out["port_search"].append(ps)
                 log(f"round {rnd} {port_search_line(ps)}")
+                _save(args.out, out)
+            if args.only in (None, "xdp") and nic_pair:
+                if stop_requested():
+                    log("stop requested")
+                    return 130
+                servers.restart()
+                fp = fastpath.measure_fastpath(args.flood_seconds, args.flood_chunks,
+                                               args.legit, args.connect_timeout)
+                fp["round"] = rnd
+                out["fastpath"].append(fp)
+                log(f"round {rnd} {fastpath_line(fp)}")
                 _save(args.out, out)
     finally:
         servers.close()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ipvs_synproxy.build import apt, kmod, paths
+from ipvs_synproxy_testbed import nicpair
 from ipvs_synproxy_testbed.initramfs import build_initramfs
 
 GUEST_DEBS = ["qemu-system-x86", "busybox-static", "ipvsadm", "iproute2", "kmod",
@@ -66,6 +67,7 @@ class VmOptions:
     memory_mb: int = 2048
     cpus: int = 2
     forward_ports: tuple[int, ...] = ()
+    nic_pair: bool = False  # two virtio NICs joined by a QEMU hub (ipvs_synproxy_testbed.nicpair)
     cwd: Path = field(default_factory=paths.project_root)
     keep_job: bool = False
     verbose: bool = False
@@ -124,6 +126,8 @@ def qemu_command(kernel: kmod.Kernel, initrd: Path, job: Path, opts: VmOptions) 
     if opts.forward_ports:
         fwd = ",".join(f"hostfwd=tcp:127.0.0.1:{p}-:{p}" for p in opts.forward_ports)
         nic = ["-nic", f"user,restrict=on,model=virtio-net-pci,{fwd}"]
+    if opts.nic_pair:
+        nic += nicpair.qemu_args()
     return [
         "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max",
         "-m", str(opts.memory_mb), "-smp", str(opts.cpus),

@@ -77,7 +77,8 @@ def _cmd_vm_exec(args: argparse.Namespace) -> int:
     opts = vm.VmOptions(
         topology=args.topology, modules=args.modules, timeout=args.timeout,
         memory_mb=args.memory, cpus=args.cpus, forward_ports=tuple(args.forward),
-        cwd=Path.cwd(), keep_job=args.keep, verbose=args.verbose, kernel=args.kernel,
+        nic_pair=args.nic_pair, cwd=Path.cwd(), keep_job=args.keep, verbose=args.verbose,
+        kernel=args.kernel,
     )
     return vm.run(cmd, opts).returncode
 
@@ -202,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cpus", type=int, default=2, help="guest vCPUs")
     e.add_argument("--forward", type=_port, action="append", default=[], metavar="PORT",
                    help="forward 127.0.0.1:PORT on the host to the guest's PORT")
+    e.add_argument("--nic-pair", action="store_true",
+                   help="two virtio NICs joined to each other by a QEMU hub and nothing"
+                        " else (make bench: the client-lb link as real NICs; see"
+                        " ipvs_synproxy_testbed/nicpair.py)")
     e.add_argument("--keep", action="store_true", help="keep the job directory (logs)")
     e.add_argument("-v", "--verbose", action="store_true", help="show guest boot progress")
     e.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND")

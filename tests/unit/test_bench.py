@@ -320,3 +320,59 @@ def test_port_search_fill_holds_the_share_and_goes_once_around_the_ranges(
     assert k.log == [("rs1", "drop"), ("syns", target), ("syns", 20),
                      ("rs1", "reject with tcp reset"), ("syns", size - target + size // 100),
                      ("rs1", None)]
+
+
+# ---- the XDP piece ---------------------------------------------------------------------------
+
+def _fp_flood(pps: float, lb_per_syn: float, answered: bool = True,
+              prog_ns: int = 0) -> dict[str, Any]:
+    sent = int(pps * 2)
+    return {"sent": sent, "seconds": 2.0, "pps": pps, "replies": sent if answered else 0,
+            "lb_softirq_s": lb_per_syn * sent, "cpu_busy_s": 2 * lb_per_syn * sent,
+            "prog_ns": prog_ns * sent, "prog_runs": sent if prog_ns else 0, "chunks": 3}
+
+
+def _fastpath(rnd: int, module_us: float, xdp_us: float, nf_us: float = 60.0,
+              legit_ok: int = 50) -> dict[str, Any]:
+    return {"round": rnd,
+            "baseline": _fp_flood(15000, 15e-6, answered=False),
+            "ipvs-synproxy-nat": _fp_flood(12000, module_us * 1e-6),
+            "ipvs-synproxy-xdp": _fp_flood(14000, xdp_us * 1e-6, prog_ns=2000),
+            "baseline_nf": _fp_flood(15000, 15e-6, answered=False),
+            NF: _fp_flood(8000, nf_us * 1e-6),
+            "legit_xdp": {**_conns(2.0, n=50, failed=50 - legit_ok), "flood_pps": 9000.0}}
+
+
+def test_xdp_piece_ratios_are_geometric_means_of_the_rounds_own_ratios() -> None:
+    raw = raw_run()
+    raw["fastpath"] = [_fastpath(0, 30, 10), _fastpath(1, 40, 10)]
+    fp = report.analyse(raw)["fastpath"]
+    # XDP costs 1/3 and 1/4 of the module's: the geometric mean is sqrt(1/12)
+    assert fp["ratios"]["xdp/module:cpu_s_per_msyn"] == pytest.approx((1 / 12) ** 0.5)
+    assert fp["ratios"]["xdp/module:synack_per_s"] == pytest.approx(12 ** 0.5)
+    assert fp["ratios"]["xdp/nf:synack_per_s"] == pytest.approx(6.0)
+    assert fp["summary"]["prog_ns_per_syn"]["median"] == pytest.approx(2000)
+    met = {t["target"]: t["met"] for t in report.fastpath_targets(fp)}
+    assert all(met.values()), met
+
+
+def test_xdp_piece_targets_are_missed_when_xdp_is_not_three_times_cheaper() -> None:
+    raw = raw_run()
+    raw["fastpath"] = [_fastpath(0, 26, 20, legit_ok=49)]
+    fp = report.analyse(raw)["fastpath"]
+    missed = [t["target"] for t in report.fastpath_targets(fp) if not t["met"]]
+    assert len(missed) == 3, missed
+    res = {"run": {k: v for k, v in raw.items() if k != "records"},
+           "host": {"description": "test host", "loadavg": (1.0, 1.0, 1.0)},
+           **report.analyse(raw)}
+    md = report.markdown(res)
+    assert "XDP piece" in md and md.count("**missed**") >= 3
+
+
+def test_a_run_without_the_xdp_piece_has_none_and_compare_skips_it() -> None:
+    old = report.analyse(raw_run())
+    assert old["fastpath"] is None
+    raw = raw_run()
+    raw["fastpath"] = [_fastpath(0, 30, 10)]
+    ok, lines = report.compare(old, report.analyse(raw))
+    assert ok and any(line.startswith("SKIP xdp-piece") for line in lines)

@@ -35,7 +35,7 @@ ALLOWED: dict[str, set[str]] = {
     "ipvs_synproxy": set(),  # the package's own __init__
     "ipvs_synproxy_testbed": {"ipvs_synproxy.kernel", "ipvs_synproxy.adm",
                               "ipvs_synproxy.build"},
-    "bench": {"ipvs_synproxy.kernel", "ipvs_synproxy_testbed"},
+    "bench": {"ipvs_synproxy.kernel", "ipvs_synproxy.build", "ipvs_synproxy_testbed"},
 }
 PRODUCT = ("ipvs_synproxy", "webui")
 NOT_PRODUCT = ("ipvs_synproxy_testbed", "bench", "tests")
