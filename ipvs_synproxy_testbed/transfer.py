@@ -84,8 +84,10 @@ def sink(conn: socket.socket, n: int) -> None:
         got += k
 
 
-class _Listener:
-    """A listening socket in a namespace with an accept loop on a daemon thread."""
+class Listener:
+    """A listening socket in a namespace with an accept loop on a daemon thread;
+    a subclass handles each accepted connection (on that thread: a slow one
+    starts its own)."""
 
     def __init__(self, ns: str, addr: str, port: int, backlog: int = 64) -> None:
         self.ns, self.addr, self.port = ns, addr, port
@@ -117,14 +119,14 @@ class _Listener:
         self.sock.close()
         self._thread.join(5)
 
-    def __enter__(self) -> _Listener:
+    def __enter__(self) -> Listener:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-class BlobServer(_Listener):
+class BlobServer(Listener):
     """Downloads, checked uploads and unchecked uploads (see the module's text)."""
 
     def __init__(self, ns: str, addr: str, port: int, backlog: int = 64) -> None:
@@ -200,7 +202,7 @@ def _transfer_on(conn: socket.socket, direction: str, n: int, check: bool) -> fl
 REPLY = b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
 
 
-class ConnServer(_Listener):
+class ConnServer(Listener):
     """Reads the client's request (one segment), answers :data:`REPLY` and closes,
     all on the accept thread: a server whose own cost per connection is small."""
 
@@ -254,7 +256,7 @@ def connect_once(sock: socket.socket, vip: str, port: int, timeout: float) -> Co
 # which turns the order of wake-ups into latency. Measurements therefore run the
 # servers in a separate process.
 
-SERVER_KINDS: dict[str, type[_Listener]] = {"conn": ConnServer, "blob": BlobServer}
+SERVER_KINDS: dict[str, type[Listener]] = {"conn": ConnServer, "blob": BlobServer}
 
 
 def serve(specs: list[str]) -> None:

@@ -19,17 +19,8 @@ from webui.service import ConsoleService
 bp = Blueprint("metrics", __name__)
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ipvs-synproxy")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def make_registry(service: ConsoleService) -> CollectorRegistry:
-    return collector.registry(service.reading, _version())
+    return collector.registry(service.reading)
 
 
 @bp.route("/metrics")

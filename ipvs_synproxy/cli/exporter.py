@@ -16,15 +16,6 @@ def _err(msg: str) -> None:
     print(f"ipvs-synproxy exporter: {msg}", file=sys.stderr)
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ipvs-synproxy")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def _cmd_exporter(args: argparse.Namespace) -> int:
     from prometheus_client import generate_latest
 
@@ -41,10 +32,9 @@ def _cmd_exporter(args: argparse.Namespace) -> int:
         except collector.READ_ERRORS as exc:
             _err(f"cannot read IPVS: {exc}")
             return 1
-        sys.stdout.write(generate_latest(collector.registry(lambda: reading,
-                                                            _version())).decode())
+        sys.stdout.write(generate_latest(collector.registry(lambda: reading)).decode())
         return 0
-    registry = collector.registry(read, _version())
+    registry = collector.registry(read)
     print(f"ipvs-synproxy exporter: serving http://{'[' + host + ']' if ':' in host else host}"
           f":{port}/metrics", file=sys.stderr, flush=True)
     try:

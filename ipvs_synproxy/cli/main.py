@@ -13,6 +13,7 @@ from ipvs_synproxy.cli import docs as cli_docs
 from ipvs_synproxy.cli import exporter as cli_exporter
 from ipvs_synproxy.cli import keepalived as cli_keepalived
 from ipvs_synproxy.cli import xdp as cli_xdp
+from ipvs_synproxy.exporter import collector
 from webui import cli as webui_cli
 
 EXIT_USAGE = 2
@@ -128,12 +129,8 @@ def install_deps_option(p: argparse.ArgumentParser) -> None:
 
 
 def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ipvs-synproxy")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
+    v = collector.package_version()
+    return "unknown (not installed)" if v == "unknown" else v
 
 
 def version_text() -> str:

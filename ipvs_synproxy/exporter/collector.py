@@ -225,7 +225,19 @@ class Collector(_Collector):
         yield from families(reading, self.version)
 
 
-def registry(read: Callable[[], Reading], version: str) -> CollectorRegistry:
+def package_version() -> str:
+    """The installed package's version; "unknown" from a checkout not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ipvs-synproxy")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def registry(read: Callable[[], Reading], version: str | None = None) -> CollectorRegistry:
+    """The exporter's registry; ``version`` labels ipvs_synproxy_build_info
+    (default: the package's)."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(Collector(read, version))
+    reg.register(Collector(read, version or package_version()))
     return reg

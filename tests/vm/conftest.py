@@ -10,6 +10,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -132,6 +133,20 @@ def binary() -> Path:
         pytest.fail(f"{path} is missing: run `ipvs-synproxy keepalived build` on the host "
                     "first (make vm-test does)")
     return path
+
+
+class _Daemon(Protocol):
+    def stop(self) -> None: ...
+
+
+@pytest.fixture
+def daemons(binary: Path, lb: None) -> Iterator[list[_Daemon]]:
+    """keepalived instances (tests/vm/test_keepalived.py's Keepalived) a test
+    starts, on lb's fresh table: all stopped afterwards."""
+    started: list[_Daemon] = []
+    yield started
+    for k in started:
+        k.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ipvs_synproxy.adm import execute as adm
 from ipvs_synproxy.build import kmod
@@ -448,6 +449,36 @@ class CraftedClient:
                                  tcp_seg(self.sport, 80, self.isn + 1 + self.sent,
                                       self.cookie + 1, RST | ACK, b""))])
         return self.cap.stop()
+
+
+class TcpHead(NamedTuple):
+    """What :func:`tcp_head` reads of a TCP frame."""
+
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    payload: int    # bytes of payload, from the IP length (captures are cut short)
+    options: bytes
+
+
+def tcp_head(frame: bytes) -> TcpHead | None:
+    """The TCP header of an Ethernet frame (IPv4 or IPv6 without extension
+    headers), read from the bytes: captures keep 128 bytes of each frame, and
+    a whole transfer's capture is too long for scapy's dissectors under TCG.
+    None for anything else."""
+    ethertype = int.from_bytes(frame[12:14], "big")
+    if ethertype == 0x0800 and frame[23] == 6:
+        ihl = (frame[14] & 0xF) * 4
+        l4len, t = int.from_bytes(frame[16:18], "big") - ihl, 14 + ihl
+    elif ethertype == 0x86DD and frame[20] == 6:
+        l4len, t = int.from_bytes(frame[18:20], "big"), 54
+    else:
+        return None
+    sport, dport, seq, ack, off, flags = struct.unpack_from("!HHIIBB", frame, t)
+    doff = (off >> 4) * 4
+    return TcpHead(sport, dport, seq, ack, flags, l4len - doff, frame[t + 20:t + doff])
 
 
 def sack_blocks(opts: bytes) -> list[tuple[int, int]]:

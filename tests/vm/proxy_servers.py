@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import socket
 import struct
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ipvs_synproxy_testbed import netns
-from ipvs_synproxy_testbed.transfer import BlobServer, ServerProcess, family_of
+from ipvs_synproxy_testbed.transfer import BlobServer, Listener, ServerProcess
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_MAX = 107          # the longest v1 line, CRLF included (the specification's limit)
@@ -284,36 +283,29 @@ frontend fe
 # ---- raw servers -------------------------------------------------------------------------
 
 
-class Recorder:
+class Recorder(Listener):
     """Accepts on ``addr``:``port`` in ``ns`` and keeps every connection's bytes
     (``streams``, in the order of accept, growing as they arrive)."""
 
     def __init__(self, ns: str, addr: str, port: int) -> None:
-        self.sock = netns.socket_in(ns, family_of(addr), socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family_of(addr) == socket.AF_INET6:
-            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        self.sock.bind((addr, port))
-        self.sock.listen(64)
         self.streams: list[bytearray] = []
         self.peers: list[tuple[str, int]] = []
         self.closed: list[bool] = []
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__(ns, addr, port)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, peer = self.sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                i = len(self.streams)
-                self.streams.append(bytearray())
-                self.peers.append((peer[0], peer[1]))
-                self.closed.append(False)
-            threading.Thread(target=self._read, args=(conn, i), daemon=True).start()
+    def handle(self, conn: socket.socket) -> None:
+        try:
+            peer = conn.getpeername()
+        except OSError:   # reset before we looked
+            conn.close()
+            return
+        with self._lock:
+            i = len(self.streams)
+            self.streams.append(bytearray())
+            self.peers.append((peer[0], peer[1]))
+            self.closed.append(False)
+        threading.Thread(target=self._read, args=(conn, i), daemon=True).start()
 
     def _read(self, conn: socket.socket, i: int) -> None:
         with conn:
@@ -327,12 +319,6 @@ class Recorder:
                     break
                 self.streams[i] += chunk
         self.closed[i] = True
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self._thread.join(5)
 
 
 class ProxyBlobServer(BlobServer):

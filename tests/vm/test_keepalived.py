@@ -90,15 +90,6 @@ class Keepalived:
 
 
 @pytest.fixture
-def daemons(binary: Path, lb: None, tmp_path: Path) -> Iterator[list[Keepalived]]:
-    """Keepalived instances a test starts; all stopped afterwards."""
-    started: list[Keepalived] = []
-    yield started
-    for k in started:
-        k.stop()
-
-
-@pytest.fixture
 def servers(topo: None) -> Iterator[dict[str, peers.HttpServer]]:
     """HTTP responders on port 80 in rs1 and rs2 (IPv4); a test may replace them."""
     srv = {rs: peers.start_http_server(rs, topology.RS4[rs], 80) for rs in ("rs1", "rs2")}

@@ -73,14 +73,6 @@ class DumpingKeepalived(Keepalived):
 
 
 @pytest.fixture
-def daemons(binary: Path, lb: None) -> Iterator[list[Keepalived]]:
-    started: list[Keepalived] = []
-    yield started
-    for k in started:
-        k.stop()
-
-
-@pytest.fixture
 def servers(topo: None) -> Iterator[dict[str, peers.HttpServer]]:
     """HTTP responders on port 80 in rs1 and rs2 (IPv4; rs1 IPv6 too): what the
     TCP checks connect to. A test may close and restart them."""

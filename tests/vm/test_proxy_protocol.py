@@ -65,6 +65,7 @@ from tests.vm.helpers import (
     lb_sysctls,
     netem,
     sack_blocks,
+    tcp_head,
     wait_for,
 )
 from tests.vm.proxy_servers import (
@@ -518,18 +519,10 @@ def segments(pcap: Path) -> list[Seg]:
 
     out = []
     for frame, _meta in RawPcapReader(str(pcap)):
-        ethertype = int.from_bytes(frame[12:14], "big")
-        if ethertype == 0x0800 and frame[23] == 6:
-            ihl = (frame[14] & 0xF) * 4
-            l4len, t = int.from_bytes(frame[16:18], "big") - ihl, 14 + ihl
-        elif ethertype == 0x86DD and frame[20] == 6:
-            l4len, t = int.from_bytes(frame[18:20], "big"), 54
-        else:
-            continue
-        sport, dport, seq, ack, off, flags = struct.unpack_from("!HHIIBB", frame, t)
-        doff = (off >> 4) * 4
-        out.append((sport, dport, seq, ack, flags, l4len - doff,
-                    sack_blocks(frame[t + 20:t + doff])))
+        h = tcp_head(frame)
+        if h is not None:
+            out.append((h.sport, h.dport, h.seq, h.ack, h.flags, h.payload,
+                        sack_blocks(h.options)))
     return out
 
 

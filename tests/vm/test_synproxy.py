@@ -14,7 +14,6 @@ import itertools
 import os
 import random
 import statistics
-import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -54,6 +53,7 @@ from tests.vm.helpers import (
     send_frames,
     syn_options,
     synproxy_service,
+    tcp_head,
     tcp_of,
     tcp_seg,
     transfer,
@@ -519,23 +519,6 @@ def netem_loss(ns: str, dev: str, percent: float) -> AbstractContextManager[None
     return netem(ns, dev, "loss", f"{percent}%")
 
 
-def _tcp_headers(frame: bytes) -> tuple[int, int, int, int, bytes] | None:
-    """Source port, sequence number, flags, payload length and options of a TCP
-    frame (read from the headers: the capture keeps only 128 bytes, and a
-    capture of a whole transfer is too long to dissect with scapy)."""
-    ethertype = int.from_bytes(frame[12:14], "big")
-    if ethertype == 0x0800 and frame[23] == 6:
-        ihl = (frame[14] & 0xF) * 4
-        l4len, t = int.from_bytes(frame[16:18], "big") - ihl, 14 + ihl
-    elif ethertype == 0x86DD and frame[20] == 6:
-        l4len, t = int.from_bytes(frame[18:20], "big"), 54
-    else:
-        return None
-    sport, _dport, seq, _ack, off, flags = struct.unpack_from("!HHIIBB", frame, t)
-    doff = (off >> 4) * 4
-    return sport, seq, flags, l4len - doff, frame[t + 20:t + doff]
-
-
 def _sack_blocks_outside_the_data(pcap: str, sender: str) -> tuple[int, list]:
     """Reads a capture at the data sender (``"rs"``: the real server, port
     8080; ``"client"``) and returns the number of SACK blocks it received and
@@ -544,10 +527,10 @@ def _sack_blocks_outside_the_data(pcap: str, sender: str) -> tuple[int, list]:
 
     isn, sent_end, blocks = None, None, []
     for frame, _meta in RawPcapReader(pcap):
-        tcp = _tcp_headers(frame)
+        tcp = tcp_head(frame)
         if tcp is None:
             continue
-        sport, seq, flags, payload, opts = tcp
+        sport, seq, flags, payload, opts = tcp.sport, tcp.seq, tcp.flags, tcp.payload, tcp.options
         if (sport == 8080) == (sender == "rs"):          # the data sender's side
             if flags & SYN:
                 isn = seq
