@@ -434,7 +434,8 @@ def test_render_attaches_on_master_and_detaches_otherwise(tmp_path: Path) -> Non
             f'    notify_fault "{cmd} detach eth0"\n}}\n') in client
     assert "notify" not in out[out.index("vrrp_instance VI_SERVER"):]
     assert ("    script_user root\n    enable_script_security\n"
-            f'    shutdown_script "{cmd} detach eth0"\n}}\n') in out
+            f'    shutdown_script "{cmd} detach eth0"\n'
+            "    shutdown_script_timeout 60\n}\n") in out
     assert "notify" not in _render(KA.replace("xdp: [{interface: eth0, mode: native}]\n", ""),
                                    tmp_path)
 
