@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,8 +32,8 @@ from bench.contenders import CONTENDERS, NF, Contender, add_drop, del_drop, load
 from ipvs_synproxy.build import xdp as xdp_build
 from ipvs_synproxy.kernel import xdp
 from ipvs_synproxy.kernel.netlink import IPVS
-from ipvs_synproxy_testbed import netns, nicpair
-from ipvs_synproxy_testbed.flood import Flood
+from ipvs_synproxy_testbed import hostflood, netns, nicpair
+from ipvs_synproxy_testbed.flood import Flood, ReplySink
 
 AFFINITY = {"lb": measure.LB_CPU, "client": measure.FLOOD_CPU}
 MODULE = "ipvs-synproxy-nat"
@@ -68,21 +69,54 @@ def _prog_time() -> tuple[int, int]:
     return (sum(p.get("run_time_ns", 0) for p in progs), sum(p.get("run_cnt", 0) for p in progs))
 
 
-def flood_once(seconds: float) -> dict[str, Any]:
-    """A flat-out flood (trafgen on FLOOD_CPU) and LB_CPU's softirq time over it."""
-    t0 = _prog_time()
-    lb0, cpu0 = measure.softirq_seconds(measure.LB_CPU), measure.cpu_busy_seconds()
+def _host_flood(seconds: float) -> tuple[int, float, int | None]:
+    """The host's flood (hostflood): sent, seconds, lb's answers."""
+    with ReplySink(4) as sink:
+        res = hostflood.flood(seconds)
+        time.sleep(0.2)   # answers still on their way to the client
+        return int(res["sent"]), float(res["seconds"]), sink.replies()
+
+
+def _trafgen_flood(seconds: float) -> tuple[int, float, int | None]:
     res = measure.start_flood(Flood("syn", duration=seconds)).wait()
+    return res.sent, res.seconds, res.replies
+
+
+# The flood's source: trafgen in the client (default), or the host
+# (hostflood, bench.run --host-flood; bench/README.md says why not by default).
+HOST_FLOOD = {"on": False}
+
+
+def _from_host() -> bool:
+    return HOST_FLOOD["on"] and hostflood.available()
+
+
+def _no_answers() -> int:
+    return 0
+
+
+def flood_once(seconds: float, answers: Callable[[], int] = _no_answers) -> dict[str, Any]:
+    """A flat-out flood (trafgen on FLOOD_CPU, or the host's) and LB_CPU's
+    softirq time over it; ``answers`` reads the answering code's own count of
+    SYN/ACKs sent."""
+    t0, a0 = _prog_time(), answers()
+    lb0, cpu0 = measure.softirq_seconds(measure.LB_CPU), measure.cpu_busy_seconds()
+    host = _from_host()
+    sent, secs, replies = (_host_flood if host else _trafgen_flood)(seconds)
     lb1, cpu1 = measure.softirq_seconds(measure.LB_CPU), measure.cpu_busy_seconds()
-    t1 = _prog_time()
-    return {"sent": res.sent, "seconds": res.seconds, "pps": res.pps, "replies": res.replies,
+    t1, a1 = _prog_time(), answers()
+    return {"sent": sent, "seconds": secs, "pps": sent / secs if secs else 0.0,
+            "replies": replies, "kernel_synacks": a1 - a0,
+            "generator": "host" if host else "trafgen",
             "lb_softirq_s": lb1 - lb0, "cpu_busy_s": cpu1 - cpu0,
             "prog_ns": t1[0] - t0[0], "prog_runs": t1[1] - t0[1]}
 
 
 def _merged(parts: list[dict[str, Any]]) -> dict[str, Any]:
     out = {k: sum(p[k] for p in parts)
-           for k in ("sent", "seconds", "lb_softirq_s", "cpu_busy_s", "prog_ns", "prog_runs")}
+           for k in ("sent", "seconds", "lb_softirq_s", "cpu_busy_s", "prog_ns", "prog_runs",
+                     "kernel_synacks")}
+    out["generator"] = parts[0]["generator"]
     replies = [p["replies"] for p in parts]
     out["replies"] = None if None in replies else sum(replies)
     out["pps"] = out["sent"] / out["seconds"] if out["seconds"] else 0.0
@@ -106,20 +140,51 @@ class Program:
     def off(self) -> None:
         xdp.detach(DEV, "lb")
 
+    def answered(self) -> int:
+        """The program's syn_answered (0 when it is not attached)."""
+        try:
+            return xdp.read_stats(DEV, "lb")["syn_answered"]
+        except (xdp.XdpError, OSError):
+            return 0
 
-def _alternate(passes: dict[str, tuple[Callable[[], None], Callable[[], None]]],
-               seconds: float, chunks: int) -> dict[str, dict[str, Any]]:
-    """Each pass (set up, torn down around its piece) ``seconds`` in all, in
-    ``chunks`` alternating pieces: the host's speed moves within seconds."""
+
+Pass = tuple[Callable[[], None], Callable[[], None], Callable[[], int]]
+
+
+def _alternate(passes: dict[str, Pass], seconds: float, chunks: int
+               ) -> dict[str, dict[str, Any]]:
+    """Each pass (set up, torn down around its piece, its count of answers)
+    ``seconds`` in all, in ``chunks`` alternating pieces: the host's speed
+    moves within seconds."""
     parts: dict[str, list[dict[str, Any]]] = {name: [] for name in passes}
     for _ in range(chunks):
-        for name, (up, down) in passes.items():
+        for name, (up, down, answers) in passes.items():
             up()
             try:
-                parts[name].append(flood_once(seconds / chunks))
+                parts[name].append(flood_once(seconds / chunks, answers))
             finally:
                 down()
     return {name: _merged(p) for name, p in parts.items()}
+
+
+LEGIT_FLOOD_S = 15.0   # the host's flood while legitimate clients connect
+LEGIT_BUDGET_S = 12.0
+
+
+def legit_during_flood(n: int, timeout: float) -> dict[str, Any]:
+    """``n`` connections from the client while a flat-out flood runs (trafgen's
+    or the host's); with the flood's own rate."""
+    if not _from_host():
+        return measure.legit_during_flood(n, timeout)
+    with ReplySink(4):
+        handle = hostflood.start(LEGIT_FLOOD_S)
+        time.sleep(0.5)
+        ts = measure.connections(n, timeout, budget=LEGIT_BUDGET_S)
+        res = hostflood.wait(handle)
+    out = measure.timings(ts)
+    out.update({"flood_sent": res["sent"], "flood_seconds": res["seconds"],
+                "flood_pps": res["sent"] / res["seconds"] if res["seconds"] else 0.0})
+    return out
 
 
 def _nothing() -> None:
@@ -137,11 +202,13 @@ def measure_patched(seconds: float, chunks: int, legit: int,
     try:
         with IPVS("lb") as ipvs:
             prog = Program(ipvs)
-            rec = _alternate({"baseline": (add_drop, del_drop), MODULE: (_nothing, _nothing),
-                              XDP: (prog.on, prog.off)}, seconds, chunks)
+            rec = _alternate({
+                "baseline": (add_drop, del_drop, _no_answers),
+                MODULE: (_nothing, _nothing, lambda: measure.kernel_synacks(c)),
+                XDP: (prog.on, prog.off, prog.answered)}, seconds, chunks)
             prog.on()
             try:
-                rec["legit_xdp"] = measure.legit_during_flood(legit, timeout)
+                rec["legit_xdp"] = legit_during_flood(legit, timeout)
             finally:
                 prog.off()
     finally:
@@ -157,7 +224,8 @@ def measure_stock(seconds: float, chunks: int) -> dict[str, Any]:
     c = CONTENDERS[NF]
     c.setup()
     try:
-        rec = _alternate({"baseline_nf": (add_drop, del_drop), NF: (_nothing, _nothing)},
+        rec = _alternate({"baseline_nf": (add_drop, del_drop, _no_answers),
+                          NF: (_nothing, _nothing, lambda: measure.kernel_synacks(c))},
                          seconds, chunks)
     finally:
         c.teardown()

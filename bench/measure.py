@@ -191,7 +191,7 @@ def connections(n: int, timeout: float, budget: float = CONNECT_BUDGET) -> list[
     return out
 
 
-def _timings(ts: list[ConnTiming]) -> dict[str, Any]:
+def timings(ts: list[ConnTiming]) -> dict[str, Any]:
     return {"n": len(ts), "ok": sum(t.ok for t in ts),
             "connect_s": [round(t.connect, 6) for t in ts],
             "total_s": [round(t.total, 6) for t in ts],
@@ -200,7 +200,7 @@ def _timings(ts: list[ConnTiming]) -> dict[str, Any]:
 
 
 def connect_times(n: int, timeout: float) -> dict[str, Any]:
-    return _timings(connections(n, timeout))
+    return timings(connections(n, timeout))
 
 
 def legit_during_flood(n: int, timeout: float, warmup: float = 0.5) -> dict[str, Any]:
@@ -211,7 +211,7 @@ def legit_during_flood(n: int, timeout: float, warmup: float = 0.5) -> dict[str,
         ts = connections(n, timeout)
     finally:
         res = flood.stop()
-    out = _timings(ts)
+    out = timings(ts)
     out.update({"flood_sent": res.sent, "flood_seconds": res.seconds, "flood_pps": res.pps})
     return out
 

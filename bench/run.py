@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--xfer-pairs", type=int, default=3,
                    help="downloads through the VIP, alternating with as many straight"
                    " from a real server")
+    p.add_argument("--host-flood", action="store_true",
+                   help="the XDP piece's floods from the host (vm exec --nic-pair), not"
+                   " trafgen: see bench/README.md, \"The XDP piece\", for why not by default")
     p.add_argument("--only", choices=("contenders", "port-search", "xdp"),
                    help="run only these pieces (default: both; a partial run leaves the"
                    " README's table alone)")
@@ -182,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "fastpath": [],
     }
     nic_pair = fastpath.have_nic_pair()
+    fastpath.HOST_FLOOD["on"] = args.host_flood
     if args.only in (None, "xdp") and not nic_pair:
         log("the XDP piece needs the NIC pair (vm exec --nic-pair): skipped")
     measure.pin(measure.LEGIT_CPU)

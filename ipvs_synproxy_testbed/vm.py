@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ipvs_synproxy.build import apt, kmod, paths
-from ipvs_synproxy_testbed import nicpair
+from ipvs_synproxy_testbed import hostflood, nicpair
 from ipvs_synproxy_testbed.initramfs import build_initramfs
 
 GUEST_DEBS = ["qemu-system-x86", "busybox-static", "ipvsadm", "iproute2", "kmod",
@@ -113,6 +113,8 @@ def _env_file(opts: VmOptions, moddir: Path | None, job: Path | None = None) -> 
     }
     if job is not None:
         env["IPVS_SP_STOP_FILE"] = str(job / STOP_FILE)
+        if opts.nic_pair:
+            env[hostflood.ENV] = str(job)
     for k, v in os.environ.items():
         if k.startswith("IPVS_SYNPROXY_") or k in ("CI", "VIRTUAL_ENV", "PYTEST_ADDOPTS"):
             env[k] = v
@@ -127,7 +129,7 @@ def qemu_command(kernel: kmod.Kernel, initrd: Path, job: Path, opts: VmOptions) 
         fwd = ",".join(f"hostfwd=tcp:127.0.0.1:{p}-:{p}" for p in opts.forward_ports)
         nic = ["-nic", f"user,restrict=on,model=virtio-net-pci,{fwd}"]
     if opts.nic_pair:
-        nic += nicpair.qemu_args()
+        nic += nicpair.qemu_args() + hostflood.qemu_args(job, nicpair.HUB_ID)
     return [
         "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max",
         "-m", str(opts.memory_mb), "-smp", str(opts.cpus),
@@ -235,6 +237,9 @@ def run(cmd: list[str], opts: VmOptions) -> VmResult:
         (job / f).touch()
 
     argv = qemu_command(kernel, initrd, job, opts)
+    flooder = hostflood.HostFlooder(job) if opts.nic_pair else None
+    if flooder:
+        flooder.start()
     tails = [_Tail(job / "stdout", sys.stdout), _Tail(job / "stderr", sys.stderr)]
     progress = _Tail(job / "progress", sys.stderr) if opts.verbose else None
     deadline = time.monotonic() + opts.timeout
@@ -270,6 +275,8 @@ def run(cmd: list[str], opts: VmOptions) -> VmResult:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+            if flooder:
+                flooder.stop()
     for t in tails:
         t.pump()
 
