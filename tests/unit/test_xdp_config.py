@@ -121,6 +121,9 @@ def _junk_entry(rng: random.Random) -> str:
     ])
 
 
+XDP_LINE = SVC.count("\n") + 1   # the line of "xdp:" after SVC
+
+
 def test_random_malformed_entries_are_errors_that_change_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -140,7 +143,11 @@ def test_random_malformed_entries_are_errors_that_change_nothing(
         try:
             cfg = load(text)
         except config_reader.ConfigError as exc:
-            assert exc.field.startswith("xdp") or exc.field == "yaml", (seed, text, exc)
+            # an xdp key, or the YAML reader's own error (an unhashable or
+            # duplicate key), on a line of the xdp list
+            line = int(exc.source.rsplit(":", 1)[1])
+            assert exc.field.startswith("xdp") or exc.field == "yaml" or line > XDP_LINE, \
+                (seed, text, exc)
             assert str(exc) in [str(e) for e in config_load.check(text, "lb.yaml")], \
                 (seed, text)
             f.write_text(text)
