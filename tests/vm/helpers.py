@@ -313,6 +313,24 @@ def conn_states(sport: int, client: str = topology.CLIENT4, vport: int = 0) -> l
             and (not vport or ln.split()[4].endswith(f":{vport}"))]
 
 
+def lose_connection(net: Net, sport: int) -> None:
+    """The client connects to ``net``'s VIP:80 from ``sport`` and forgets the
+    connection without a word: its RST never leaves the client, so lb keeps
+    the connection ESTABLISHED."""
+    old = netns.socket_in("client", socket.AF_INET6 if ":" in net.vip else socket.AF_INET,
+                          socket.SOCK_STREAM)
+    old.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    old.bind((net.client, sport))
+    old.settimeout(10)
+    old.connect((net.vip, 80))
+    assert wait_for(lambda: conn_states(sport, net.client) == ["ESTABLISHED"], 20), \
+        conn_states(sport, net.client)
+    with nft("client", f"tcp sport {sport} drop", hook="output"):
+        old.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        old.close()                     # the RST this sends never leaves the client
+        time.sleep(0.5)
+
+
 @contextmanager
 def nft(ns: str, rules: str, hook: str = "input") -> Iterator[None]:
     """An nft table ``t`` in ns with a chain on hook holding rules."""

@@ -46,6 +46,7 @@ from tests.vm.helpers import (
     ext_stats_file,
     kernel_complaints,
     lb_sysctls,
+    lose_connection,
     netem,
     nft,
     ns_sysctls,
@@ -343,17 +344,7 @@ def test_a_client_that_lost_its_connection_reconnects_from_the_same_port(
     net = NETS[family]
     synproxy_service(ipvs, net, METHODS[method])
     sport = 47100 + 10 * (family == "ipv6") + (method == "fullnat")
-    old = netns.socket_in("client", peers.family_of(net.vip), socket.SOCK_STREAM)
-    old.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    old.bind((net.client, sport))
-    old.settimeout(10)
-    old.connect((net.vip, 80))
-    assert wait_for(lambda: conn_states(sport, net.client) == ["ESTABLISHED"], 20), \
-        conn_states(sport, net.client)
-    with nft("client", f"tcp sport {sport} drop", hook="output"):
-        old.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        old.close()                     # the RST this sends never leaves the client
-        time.sleep(0.5)
+    lose_connection(net, sport)
     assert conn_states(sport, net.client) == ["ESTABLISHED"]
     before = ext_stats_file()
     t0 = time.monotonic()

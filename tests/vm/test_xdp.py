@@ -10,8 +10,6 @@ needs nothing of the kind).
 from __future__ import annotations
 
 import os
-import socket
-import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -34,6 +32,7 @@ from tests.vm.helpers import (
     dmesg_lines,
     ext_stats_file,
     kernel_complaints,
+    lose_connection,
     nft,
     ns_sysctls,
     syn_options,
@@ -267,17 +266,7 @@ def test_a_client_that_lost_its_connection_reconnects_through_the_module(
     synproxy_service(ipvs, net, FwdMethod.FULLNAT)
     xdp.mirror(ipvs)
     sport = _sport(47600, mode)
-    old = netns.socket_in("client", 2, 1)
-    old.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    old.bind((net.client, sport))
-    old.settimeout(10)
-    old.connect((net.vip, 80))
-    assert wait_for(lambda: conn_states(sport, net.client) == ["ESTABLISHED"], 20), \
-        conn_states(sport, net.client)
-    with nft("client", f"tcp sport {sport} drop", hook="output"):
-        old.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        old.close()                     # the RST this sends never leaves the client
-        time.sleep(0.5)
+    lose_connection(net, sport)
     before, xbefore = ext_stats_file(), _stats()
     try:
         reply = peers.http_get(net.vip, 80, timeout=10, source_port=sport)
