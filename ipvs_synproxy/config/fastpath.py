@@ -24,11 +24,7 @@ SECRET_LEN = 16
 
 
 def _mode(dev: str, netns: str | None) -> str:
-    try:
-        mode, _ = xdp.device_state(dev, netns)
-    except (xdp.XdpError, OSError, RtnlError):  # the device is gone, its pins are not
-        return DETACHED
-    return mode or DETACHED
+    return xdp.pinned_mode(dev, netns) or DETACHED
 
 
 def read_attachments(netns: str | None) -> dict[str, str]:

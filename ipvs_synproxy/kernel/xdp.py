@@ -197,7 +197,10 @@ def _link_xdp(dev: str, netns: str | None, fd: int, flags: int) -> None:
                  xdp={"attrs": [["IFLA_XDP_FD", fd], ["IFLA_XDP_FLAGS", flags]]})
 
 
-def _link_state(dev: str, netns: str | None) -> tuple[str | None, int | None]:
+def device_state(dev: str, netns: str | None) -> tuple[str | None, int | None]:
+    """The mode of the XDP program attached to ``dev`` (ours or not) and its
+    id; (None, None) when there is none. Raises :class:`XdpError` when
+    ``netns`` has no such device."""
     ctx = enter_netns(netns) if netns else contextlib.nullcontext()
     with ctx, IPRoute() as ipr:
         links = ipr.get_links(ifname=dev)
@@ -210,13 +213,6 @@ def _link_state(dev: str, netns: str | None) -> tuple[str | None, int | None]:
     if mode is None and xdp.get_attr("IFLA_XDP_PROG_ID"):
         mode = "unknown"
     return mode, xdp.get_attr("IFLA_XDP_PROG_ID")
-
-
-def device_state(dev: str, netns: str | None) -> tuple[str | None, int | None]:
-    """The mode of the XDP program attached to ``dev`` (ours or not) and its
-    id; (None, None) when there is none. Raises :class:`XdpError` when
-    ``netns`` has no such device."""
-    return _link_state(dev, netns)
 
 
 def load(obj: Path, dev: str, netns: str | None) -> None:
@@ -297,7 +293,7 @@ def detach(dev: str, netns: str | None, *, missing_ok: bool = False) -> None:
     A program on ``dev`` that is not ours stays. ``missing_ok``: a device that
     is gone only loses its pins."""
     try:
-        mode, prog_id = _link_state(dev, netns)
+        mode, prog_id = device_state(dev, netns)
     except XdpError:
         if not missing_ok or not pin_dir(dev, netns).exists():
             raise
@@ -309,7 +305,7 @@ def detach(dev: str, netns: str | None, *, missing_ok: bool = False) -> None:
 
 
 def status(dev: str, netns: str | None) -> Status:
-    mode, prog_id = _link_state(dev, netns)
+    mode, prog_id = device_state(dev, netns)
     pinned = (pin_dir(dev, netns) / "prog").exists()
     services, ready, stats = 0, False, dict.fromkeys(STATS, 0)
     if pinned:
@@ -374,11 +370,13 @@ class DeviceStats:
     stats: dict[str, int]
 
 
-def _mode_of(dev: str, netns: str | None) -> str | None:
+def pinned_mode(dev: str, netns: str | None) -> str | None:
+    """The mode ``dev``'s program is attached in; None when none is, or when
+    the device is gone (its pins may outlive it)."""
     from pyroute2.netlink.exceptions import NetlinkError as RtnlError
 
     try:
-        return _link_state(dev, netns)[0]
+        return device_state(dev, netns)[0]
     except (XdpError, OSError, RtnlError):  # the device is gone; its pins are not
         return None
 
@@ -388,7 +386,7 @@ def _device_stats(dev: str, netns: str | None) -> DeviceStats | None:
         counters = read_stats(dev, netns)
     except (XdpError, OSError):  # detached while we listed, or not ours to read
         return None
-    return DeviceStats(dev, _mode_of(dev, netns), counters)
+    return DeviceStats(dev, pinned_mode(dev, netns), counters)
 
 
 def all_stats(netns: str | None) -> list[DeviceStats]:

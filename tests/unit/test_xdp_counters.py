@@ -64,7 +64,7 @@ def test_each_device_has_its_counters_and_mode(monkeypatch: pytest.MonkeyPatch) 
             raise xdp.XdpError("no device gone")
         return "generic", 7
 
-    monkeypatch.setattr(xdp, "_link_state", link_state)
+    monkeypatch.setattr(xdp, "device_state", link_state)
     assert xdp.all_stats("lb") == [xdp.DeviceStats("eth0", "generic", counters),
                                    xdp.DeviceStats("gone", None, counters)]
 
