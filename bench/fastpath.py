@@ -113,15 +113,8 @@ def flood_once(seconds: float, answers: Callable[[], int] = _no_answers) -> dict
 
 
 def _merged(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    out = {k: sum(p[k] for p in parts)
-           for k in ("sent", "seconds", "lb_softirq_s", "cpu_busy_s", "prog_ns", "prog_runs",
-                     "kernel_synacks")}
-    out["generator"] = parts[0]["generator"]
-    replies = [p["replies"] for p in parts]
-    out["replies"] = None if None in replies else sum(replies)
-    out["pps"] = out["sent"] / out["seconds"] if out["seconds"] else 0.0
-    out["chunks"] = len(parts)
-    return out
+    return {**measure.merged(parts, ("prog_ns", "prog_runs")),
+            "generator": parts[0]["generator"]}
 
 
 class Program:

@@ -148,9 +148,11 @@ def flood_rate(c: Contender, seconds: float) -> dict[str, Any]:
             "lb_softirq_s": lb1 - lb0, "kernel_synacks": k1 - k0}
 
 
-def _merged(parts: list[dict[str, Any]]) -> dict[str, Any]:
+def merged(parts: list[dict[str, Any]], more: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One flood's figures from its pieces: sums (those of ``more`` too),
+    replies (None if any piece could not count them), the rate."""
     out = {k: sum(p[k] for p in parts)
-           for k in ("sent", "seconds", "cpu_busy_s", "lb_softirq_s", "kernel_synacks")}
+           for k in ("sent", "seconds", "cpu_busy_s", "lb_softirq_s", "kernel_synacks", *more)}
     replies = [p["replies"] for p in parts]
     out["replies"] = None if None in replies else sum(replies)
     out["pps"] = out["sent"] / out["seconds"] if out["seconds"] else 0.0
@@ -171,7 +173,7 @@ def flood_costs(c: Contender, seconds: float, chunks: int) -> tuple[dict[str, An
         finally:
             del_drop()
         flood.append(flood_rate(c, seconds / chunks))
-    return _merged(base), _merged(flood)
+    return merged(base), merged(flood)
 
 
 # At most this long per set of connections: a contender whose legitimate
